@@ -1,0 +1,3 @@
+from jepatune.cli import main
+
+raise SystemExit(main())

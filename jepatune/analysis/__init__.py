@@ -1,0 +1,1 @@
+"""Parquet tables of sweeps and their analysis in pandas (to come)."""

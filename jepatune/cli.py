@@ -1,0 +1,185 @@
+"""The `jepatune` command. Each subcommand parses its arguments and calls the library.
+
+Errors a user can cause end with one line on stderr and exit status 2. Heavy modules
+(torch, Ray) are imported only by the subcommand that needs them, so `--help` is quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from jepatune.errors import ConfigError, JepatuneError
+
+DEMO_OUT = "runs/demo"
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="flat TOML file of TrainConfig knobs")
+    p.add_argument("--preset", help="a named starting config: " + ", ".join(_preset_names()))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one knob, e.g. --set model_dim=256 (repeatable)")
+    p.add_argument("--data", type=Path, help="byte-shard folder (sets data_path)")
+
+
+def _preset_names() -> list[str]:
+    from jepatune.trainer.config import PRESETS
+
+    return sorted(PRESETS)
+
+
+def _config_from_args(args: argparse.Namespace):
+    from jepatune.trainer.config import load_config, parse_set_args
+
+    overrides = {}
+    if args.preset is not None:
+        from jepatune.trainer.config import PRESETS
+
+        if args.preset not in PRESETS:
+            raise ConfigError(f"--preset {args.preset!r} is unknown; choose one of {', '.join(sorted(PRESETS))}")
+        overrides.update(PRESETS[args.preset])
+    if args.data is not None:
+        overrides["data_path"] = str(args.data.resolve())
+    overrides.update(parse_set_args(args.overrides))
+    return load_config(args.config, overrides)
+
+
+def _prepare_out(out: Path, resume: bool = False) -> Path:
+    """Check that `out` can be written before any work starts (it is created later,
+    once the inputs are checked, so bad input leaves nothing behind)."""
+    out = out.resolve()
+    if out.exists() and not out.is_dir():
+        raise JepatuneError(f"--out {out} is a file; give a folder")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise JepatuneError(f"--out {out}: {probe} is not writable; choose another folder")
+    if not resume and out.is_dir() and any(out.glob("summary.json")):
+        raise JepatuneError(f"--out {out} already holds a finished run; choose a new folder or delete it")
+    return out
+
+
+# --- data ---------------------------------------------------------------------------------
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from jepatune.trainer import corpora
+
+    out = _prepare_out(args.out)
+    t0 = time.perf_counter()
+    if args.source == "demo":
+        info = corpora.build_demo(out, train_mb=args.train_mb, val_mb=args.val_mb)
+    elif args.source == "text":
+        info = corpora.build_from_text(args.files, out, val_frac=args.val_frac)
+    elif args.source == "transpile":
+        info = corpora.transpile_sentencepiece(args.sp_dir, args.tokenizer, out)
+    else:
+        info = corpora.fetch_fineweb(out, train_shards=args.train_shards, variant=args.variant)
+    print(f"wrote byte shards to {out} in {time.perf_counter() - t0:.1f}s: {json.dumps(info, default=str)}")
+    return 0
+
+
+# --- train --------------------------------------------------------------------------------
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.help_config:
+        from jepatune.trainer.config import describe_knobs
+
+        print(describe_knobs())
+        return 0
+    config = _config_from_args(args)
+    out = _prepare_out(args.out, resume=args.resume)
+    return _run_training(config, out, resume=args.resume)
+
+
+def _run_training(config, out: Path, resume: bool = False) -> int:
+    from jepatune.atomic import atomic_write_text
+    from jepatune.trainer.checkpoint import CHECKPOINT_NAME
+    from jepatune.trainer.loop import train
+
+    ckpt = out / CHECKPOINT_NAME
+    if resume and not ckpt.exists():
+        raise JepatuneError(f"--resume: {ckpt} does not exist; run without --resume to start fresh")
+    t0 = time.perf_counter()
+    result = train(config, out_dir=out, checkpoint_dir=out, resume_from=ckpt if resume else None,
+                   verbose=True, on_start=lambda: atomic_write_text(out / "config.toml", config.to_toml()))
+    s = result.summary
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the run
+        return 0 if result.status == "completed" else 1
+    print(f"{result.status}: {s['step']} steps in {time.perf_counter() - t0:.0f}s; "
+          f"val_bpb {s['val_bpb']:.4f} after the int8+zlib round trip"
+          + (f" ({s['prequant_bpb']:.4f} before); artifact {s['artifact_bytes']:,} bytes, "
+             f"fits 16 MB cap: {s['fits_cap']}" if result.status == "completed" else ""))
+    print(f"outputs in {out}: metrics.jsonl, summary.json, config.toml"
+          + (", final_model.pt, final_model.int8.ptz" if result.status == "completed" else ""))
+    return 0 if result.status == "completed" else 1
+
+
+# --- demo -----------------------------------------------------------------------------------
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from jepatune.trainer import corpora
+    from jepatune.trainer.config import PRESETS, load_config
+
+    out = _prepare_out(args.out)
+    data = out / "data"
+    t0 = time.perf_counter()
+    info = corpora.build_demo(data)
+    print(f"demo corpus: {data} ({info['train_bytes']:,} train / {info['val_bytes']:,} val bytes)")
+    config = load_config(None, {**PRESETS["tiny"], "data_path": str(data)})
+    code = _run_training(config, out / "train")
+    print(f"demo finished in {time.perf_counter() - t0:.0f}s")
+    return code
+
+
+# --- entry point ----------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jepatune", description=__doc__.splitlines()[0].strip("`"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="build the demo corpus and train a tiny ByteJEPA on CPU")
+    p.add_argument("--out", type=Path, default=Path(DEMO_OUT))
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("train", help="train one ByteJEPA model and export the int8+zlib artifact")
+    _add_config_args(p)
+    p.add_argument("--out", type=Path, default=Path("runs/train"), help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--help-config", action="store_true", help="list every config knob with its default")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("data", help="build byte-level shard folders")
+    dsub = p.add_subparsers(dest="source", required=True)
+    d = dsub.add_parser("demo", help="a few MB from the running Python's standard library")
+    d.add_argument("--train-mb", type=float, default=4.0)
+    d.add_argument("--val-mb", type=float, default=0.5)
+    d = dsub.add_parser("text", help="byte shards from text files")
+    d.add_argument("files", nargs="+", type=Path)
+    d.add_argument("--val-frac", type=float, default=0.05)
+    d = dsub.add_parser("transpile", help="SentencePiece shards -> byte shards, as the reference")
+    d.add_argument("sp_dir", type=Path)
+    d.add_argument("--tokenizer", type=Path, required=True)
+    d = dsub.add_parser("fineweb", help="download the challenge's FineWeb shards and convert them")
+    d.add_argument("--train-shards", type=int, required=True)
+    d.add_argument("--variant", choices=("sp1024", "byte260"), default="sp1024")
+    for d in dsub.choices.values():
+        d.add_argument("--out", type=Path, required=True)
+    p.set_defaults(fn=cmd_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except JepatuneError as e:
+        print(f"jepatune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("jepatune: interrupted", file=sys.stderr)
+        return 130

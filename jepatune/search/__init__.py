@@ -1,0 +1,1 @@
+"""Ray Tune + Optuna + ASHA sweeps wrapping `jepatune.trainer.train` (to come)."""

@@ -1,0 +1,61 @@
+"""Training checkpoints: everything needed for a resumed run to continue exactly.
+
+A checkpoint holds the model, every optimiser's state, the SWA average, the data
+position, the RNG states, the step and the training time. It is written atomically and
+read with `torch.load(weights_only=True)`, so a file from elsewhere cannot run code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jepatune.atomic import atomic_path
+from jepatune.errors import ExportError
+
+CHECKPOINT_FORMAT = "jepatune-checkpoint-v1"
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ExportError(f"checkpoint {path} does not exist") from None
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
+        raise ExportError(
+            f"checkpoint {path} holds objects that safe loading refuses ({first}); load only files jepatune wrote"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ExportError(f"checkpoint {path} is not a readable torch file ({e}); was it truncated?") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ExportError(f"{path} is not a jepatune checkpoint (format {CHECKPOINT_FORMAT} expected)")
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,450 @@
+"""Build byte-level shard folders (values 0..255 in the uint16 shard format of `data.py`).
+
+Four sources: a demo corpus cut from the running Python's standard library (present on
+every machine, no network), the user's own UTF-8 text files, SentencePiece shards
+transpiled to bytes (the reference's derivation), and the challenge's FineWeb shards
+downloaded from the Hugging Face hub.
+
+Every builder writes its whole output folder atomically: shards go to a temporary sibling
+folder that is renamed onto `out` only once everything is written, so a crash or a bad
+input never leaves a half-built folder that the trainer would happily read. Builders
+return a small summary dict and print nothing; the CLI does the printing.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sysconfig
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jepatune.errors import DataError
+from jepatune.trainer.data import TRAIN_PATTERN, VAL_PATTERN, read_shard, write_shard
+
+SEPARATOR = b"\n\n"
+DEFAULT_SHARD_BYTES = 100_000_000
+MB = 1_000_000
+CORPUS_JSON = "corpus.json"
+_READ_BLOCK = 1 << 24
+
+# Demo corpus: folders that are not library source (third-party packages, the huge test
+# suite, IDLE, the deprecated 2to3 grammar tool) would swamp the mix or duplicate code.
+_SKIP_DIRS = frozenset(
+    {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
+)
+# pydoc's topics file is the one large block of English prose in the stdlib; it always goes
+# to train (being one 0.75 MB document, in val it alone would fill the split).
+_DEMO_TRAIN_ONLY = ("pydoc_data/topics.py",)
+
+HF_REPO_ID = "willdepueoai/parameter-golf"
+HF_ROOT = "matched_10B_docs2m_seed1337"
+BYTE260_OFFSET = 4  # byte260 stores byte b as b + 4; ids 0..3 are specials (BOS = 1)
+
+
+@dataclass(frozen=True)
+class FinewebVariant:
+    dataset_dir: str
+    max_train_shards: int
+    val_shards: int
+    tokenizer: str | None  # SentencePiece model under {HF_ROOT}/tokenizers/, None for byte260
+
+
+FINEWEB_VARIANTS: dict[str, FinewebVariant] = {
+    "sp1024": FinewebVariant("fineweb10B_sp1024", 25, 1, "fineweb_1024_bpe.model"),
+    "byte260": FinewebVariant("fineweb10B_byte260", 61, 2, None),
+}
+
+Download = Callable[[str, Path], Path]
+Converter = Callable[[Path, np.ndarray], np.ndarray]
+
+
+# ---------------------------------------------------------------------------- output folder
+
+
+def _check_out_free(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise DataError(f"output {out} is a file, not a folder; pick an empty folder or delete it")
+    if out.is_dir() and any(out.iterdir()):
+        shards = len(list(out.glob(TRAIN_PATTERN))) + len(list(out.glob(VAL_PATTERN)))
+        held = f"already holds {shards} shards" if shards else "is not empty"
+        raise DataError(f"output folder {out} {held}; pick an empty folder or delete it")
+
+
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """Yield a fresh temporary sibling folder of `out`; on success rename it onto `out`."""
+    _check_out_free(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # A sibling, not /tmp: the final rename must stay on one filesystem to be atomic.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        try:
+            if out.is_dir():
+                out.rmdir()  # checked empty above; POSIX rename replaces an empty folder, Windows' does not
+            os.rename(tmp, out)
+        except OSError as e:
+            raise DataError(f"cannot move the built shards into {out} ({e.strerror}); "
+                            f"pick an empty folder or delete it") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _summary(out: Path, train_bytes: int, val_bytes: int, files: int, **extra: Any) -> dict[str, Any]:
+    return {"out": str(out), "files": files, "train_bytes": train_bytes, "val_bytes": val_bytes, **extra}
+
+
+class _ShardWriter:
+    """Cuts one split's byte stream into shards of at most `shard_bytes` tokens, named in order."""
+
+    def __init__(self, folder: Path, split: str, shard_bytes: int):
+        if shard_bytes < 1:
+            raise DataError(f"shard_bytes must be >= 1, got {shard_bytes}")
+        self.folder, self.split, self.shard_bytes = folder, split, shard_bytes
+        self.buffer = bytearray()
+        self.names: list[str] = []
+        self.total = 0
+
+    def write(self, data: bytes) -> None:
+        self.buffer += data
+        self.total += len(data)
+        while len(self.buffer) >= self.shard_bytes:
+            self._flush(self.shard_bytes)
+
+    def close(self) -> None:
+        if self.buffer:
+            self._flush(len(self.buffer))
+
+    def _flush(self, n: int) -> None:
+        name = f"fineweb_{self.split}_{len(self.names):06d}.bin"
+        write_shard(self.folder / name, np.frombuffer(bytes(self.buffer[:n]), dtype=np.uint8))
+        del self.buffer[:n]
+        self.names.append(name)
+
+
+def _write_splits(folder: Path, splits: dict[str, bytes], shard_bytes: int) -> list[str]:
+    names = []
+    for split, data in splits.items():
+        writer = _ShardWriter(folder, split, shard_bytes)
+        writer.write(data)
+        writer.close()
+        names += writer.names
+    return names
+
+
+# ------------------------------------------------------------------------------ demo corpus
+
+
+def _stdlib_sources() -> tuple[Path, list[str]]:
+    """The stdlib folder and its library `.py` files (relative posix paths) in a stable
+    shuffled order, so that any prefix of the list mixes modules, prose and packages alike."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in _SKIP_DIRS]  # prune: never walk site-packages
+        rel_folder = Path(folder).relative_to(root)
+        found += [(rel_folder / f).as_posix() for f in files if f.endswith(".py")]
+    return root, sorted(found, key=lambda rel: (_hash_fraction("order:" + rel), rel))
+
+
+def _hash_fraction(text: str) -> float:
+    """A stable number in [0, 1) for `text` (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
+
+
+def _demo_reuse(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The summary of a complete demo folder at `out` built with `settings`, else None."""
+    meta_path = out / CORPUS_JSON
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        shards = [out / name for split in ("train", "val") for name in meta[split]["shards"]]
+        stored = meta["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DataError(f"{meta_path} is unreadable; delete {out} and build the demo again") from None
+    if stored != settings:
+        raise DataError(f"{out} holds a demo corpus built with {stored}, not {settings}; "
+                        f"pick another folder or delete it")
+    for shard in shards:
+        read_shard(shard)  # raises DataError for a missing or corrupt shard
+    return _summary(out, meta["train"]["bytes"], meta["val"]["bytes"], len(shards), reused=True)
+
+
+def build_demo(out: str | os.PathLike, *, train_mb: float = 4.0, val_mb: float = 0.5,
+               shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict[str, Any]:
+    """A real byte corpus from the running Python's standard library source, split by file.
+
+    A file goes to val when a stable hash of its relative path falls below val's share of
+    the requested bytes (so both splits fill at about the same pace through the shuffled
+    list) until val holds `val_mb`; everything else goes to train until `train_mb`.
+    Identical files are kept once, so no val document also appears in train.
+    An existing complete demo folder with the same settings is reused as is.
+    """
+    out = Path(out).absolute()
+    limits = {"train": int(train_mb * MB), "val": int(val_mb * MB)}
+    if min(limits.values()) < 1:
+        raise DataError(f"train_mb and val_mb must be positive, got {train_mb} and {val_mb}")
+    settings = {"train_mb": train_mb, "val_mb": val_mb, "shard_bytes": shard_bytes}
+    reused = _demo_reuse(out, settings)
+    if reused is not None:
+        return reused
+    _check_out_free(out)
+
+    root, sources = _stdlib_sources()
+    val_share = limits["val"] / (limits["train"] + limits["val"])
+    buffers = {"train": bytearray(), "val": bytearray()}
+    docs: dict[str, list[list[str]]] = {"train": [], "val": []}
+    seen: set[str] = set()
+    def has_room(split: str) -> bool:  # for the separator plus at least one byte of a document
+        return len(buffers[split]) + (len(SEPARATOR) if buffers[split] else 0) < limits[split]
+
+    for rel in sources:
+        if not (has_room("train") or has_room("val")):
+            break
+        to_val = rel not in _DEMO_TRAIN_ONLY and _hash_fraction(rel) < val_share and has_room("val")
+        split = "val" if to_val else "train"
+        if not has_room(split):
+            continue
+        data = (root / rel).read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if not data.strip() or digest in seen:
+            continue
+        seen.add(digest)
+        if buffers[split]:
+            buffers[split] += SEPARATOR
+        buffers[split] += data
+        docs[split].append([rel, digest])
+    splits = {s: bytes(buffers[s][: limits[s]]) for s in buffers}  # the last document may be cut
+    if not splits["train"] or not splits["val"]:
+        raise DataError(f"the standard library at {root} has too little source for a demo corpus")
+
+    with _staging(out) as tmp:
+        names = _write_splits(tmp, splits, shard_bytes)
+        meta = {
+            "source": f"Python {platform.python_version()} standard library .py files",
+            "python": platform.python_version(),
+            "stdlib": str(root),
+            "stdlib_files": len(sources),
+            "settings": settings,
+            "separator": SEPARATOR.decode(),
+            "note": "documents are whole files in the listed order; the last one of a split may be cut",
+            **{
+                s: {"bytes": len(splits[s]), "documents": docs[s],
+                    "shards": [n for n in names if n.startswith(f"fineweb_{s}_")]}
+                for s in splits
+            },
+        }
+        (tmp / CORPUS_JSON).write_text(json.dumps(meta, indent=1))
+    return _summary(out, len(splits["train"]), len(splits["val"]), len(names), reused=False)
+
+
+# ------------------------------------------------------------------------------- text files
+
+
+def _read_text_blocks(path: Path) -> Iterator[bytes]:
+    """The file's raw bytes in blocks, checked as UTF-8 on the way (files may exceed memory)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(_READ_BLOCK)
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: not valid UTF-8 text (bad byte near offset {offset + e.start}); "
+                                f"convert it to UTF-8 (e.g. `iconv -t UTF-8`) or leave it out") from None
+            if not block:
+                return
+            offset += len(block)
+            yield block
+
+
+def build_from_text(files: Sequence[str | os.PathLike], out: str | os.PathLike, *, val_frac: float = 0.05,
+                    shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict[str, Any]:
+    """Byte shards from UTF-8 text files: their raw bytes in order, joined with a blank line;
+    the last `val_frac` of the bytes is the val split."""
+    out = Path(out).absolute()
+    if not 0 < val_frac < 1:
+        raise DataError(f"val_frac must be between 0 and 1, got {val_frac}")
+    paths = [Path(f) for f in files]
+    if not paths:
+        raise DataError("no text files given; pass at least one UTF-8 text file")
+    for p in paths:
+        if not p.is_file():
+            raise DataError(f"{p}: no such text file; check the path")
+        if p.stat().st_size == 0:
+            raise DataError(f"{p}: the file is empty; leave it out")
+    # Sizes are known up front, so the stream can be split on the fly without holding it.
+    total = sum(p.stat().st_size for p in paths) + len(SEPARATOR) * (len(paths) - 1)
+    val_n = max(1, round(total * val_frac))
+    train_n = total - val_n
+    if train_n < 1:
+        raise DataError(f"{total} bytes of text is too little to split into train and val; add more text")
+    _check_out_free(out)
+
+    def stream() -> Iterable[bytes]:
+        for i, p in enumerate(paths):
+            if i:
+                yield SEPARATOR
+            yield from _read_text_blocks(p)
+
+    with _staging(out) as tmp:
+        train, val = _ShardWriter(tmp, "train", shard_bytes), _ShardWriter(tmp, "val", shard_bytes)
+        pos = 0
+        for chunk in stream():
+            cut = min(len(chunk), max(0, train_n - pos))
+            train.write(chunk[:cut])
+            val.write(chunk[cut:])
+            pos += len(chunk)
+        train.close()
+        val.close()
+    return _summary(out, train.total, val.total, len(train.names) + len(val.names))
+
+
+# ---------------------------------------------------------------- token shards to byte shards
+
+
+def _load_sentencepiece(tokenizer: str | os.PathLike) -> Any:
+    try:
+        import sentencepiece  # optional dependency, only these conversions need it
+    except ImportError:
+        raise DataError(
+            "decoding SentencePiece shards needs sentencepiece: pip install sentencepiece"
+        ) from None
+    path = Path(tokenizer)
+    if not path.is_file():
+        raise DataError(f"tokenizer {path} does not exist; pass the SentencePiece .model of these shards")
+    try:
+        return sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as e:
+        raise DataError(f"tokenizer {path} is not a SentencePiece model ({e})") from None
+
+
+def _sentencepiece_to_bytes(sp: Any, tokenizer: Path) -> Converter:
+    vocab = int(sp.vocab_size())
+
+    def convert(path: Path, tokens: np.ndarray) -> np.ndarray:
+        if tokens.size and int(tokens.max()) >= vocab:
+            raise DataError(f"{path}: token id {int(tokens.max())} >= the vocab size {vocab} of {tokenizer}; "
+                            f"use the tokenizer these shards were made with")
+        # The whole shard at once, as the reference does: decoding pieces separately would
+        # drop the leading space of each piece's first word and split multi-byte characters.
+        text = sp.decode(tokens.tolist())
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+
+    return convert
+
+
+def _byte260_to_bytes(path: Path, tokens: np.ndarray) -> np.ndarray:
+    if tokens.size and int(tokens.max()) >= 256 + BYTE260_OFFSET:
+        raise DataError(f"{path}: token id {int(tokens.max())} > 259 is not a byte260 id; "
+                        f"is this a fineweb10B_byte260 shard?")
+    # Drop the specials (a BOS opens each document); a byte stream has no room for them.
+    return (tokens[tokens >= BYTE260_OFFSET] - BYTE260_OFFSET).astype(np.uint8)
+
+
+def _token_shards(folder: Path) -> list[Path]:
+    return sorted(folder.glob(TRAIN_PATTERN)) + sorted(folder.glob(VAL_PATTERN))
+
+
+def _convert_shards(files: list[Path], out: Path, convert: Converter) -> dict[str, Any]:
+    """One output shard per input shard, same name, into `out` as a whole."""
+    totals = {"train": 0, "val": 0}
+    with _staging(out) as tmp:
+        for f in files:
+            data = convert(f, read_shard(f))
+            write_shard(tmp / f.name, data)
+            totals["val" if f.name.startswith("fineweb_val_") else "train"] += data.size
+    return _summary(out, totals["train"], totals["val"], len(files))
+
+
+def transpile_sentencepiece(sp_dir: str | os.PathLike, tokenizer: str | os.PathLike,
+                            out: str | os.PathLike) -> dict[str, Any]:
+    """Byte shards from SentencePiece token shards: decode each shard with `tokenizer`,
+    re-encode the text as UTF-8, one output shard per input shard with the same name."""
+    out, sp_dir = Path(out).absolute(), Path(sp_dir)
+    sp = _load_sentencepiece(tokenizer)
+    files = _token_shards(sp_dir)
+    if not files:
+        raise DataError(f"{sp_dir}: no fineweb_train_*.bin or fineweb_val_*.bin shards to transpile")
+    return _convert_shards(files, out, _sentencepiece_to_bytes(sp, Path(tokenizer)))
+
+
+# ------------------------------------------------------------------------------ FineWeb hub
+
+
+def _hub_download(relative_path: str, local_dir: Path) -> Path:
+    """Fetch one file of the challenge's dataset repo into `local_dir`/`relative_path`."""
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.utils import HfHubHTTPError
+    except ImportError:
+        raise DataError("downloading FineWeb needs huggingface_hub: pip install huggingface_hub") from None
+    try:
+        return Path(hf_hub_download(repo_id=HF_REPO_ID, filename=relative_path, repo_type="dataset",
+                                    local_dir=local_dir))
+    except (HfHubHTTPError, OSError) as e:  # offline shows up as LocalEntryNotFoundError, an OSError
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(
+            f"could not download {relative_path} from the Hugging Face hub ({HF_REPO_ID}): the hub "
+            f"could not be reached or refused the file ({reason}); check the network and retry"
+        ) from None
+
+
+def _fetch(relative_path: str, cache: Path, download: Download) -> Path:
+    local = cache / relative_path
+    if local.is_file():  # reuse earlier downloads: shards are 200 MB each
+        return local
+    got = Path(download(relative_path, cache))
+    if not got.is_file():
+        raise DataError(f"download of {relative_path} produced no file at {got}")
+    return got
+
+
+def fetch_fineweb(
+    out: str | os.PathLike,
+    *,
+    train_shards: int,
+    variant: str = "sp1024",
+    download: Download | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """The challenge's FineWeb shards from the hub, converted to byte shards in `out`.
+
+    Downloads go to `cache_dir` (default: `out` + ".download") and are reused when present.
+    `download(relative_path, local_dir) -> Path` defaults to `huggingface_hub.hf_hub_download`.
+    """
+    spec = FINEWEB_VARIANTS.get(variant)
+    if spec is None:
+        raise DataError(f"unknown FineWeb variant {variant!r}; choose one of {', '.join(FINEWEB_VARIANTS)}")
+    if not 1 <= train_shards <= spec.max_train_shards:
+        raise DataError(f"train_shards must be 1..{spec.max_train_shards} for {variant}, got {train_shards}")
+    out = Path(out).absolute()
+    cache = Path(cache_dir) if cache_dir is not None else out.with_name(out.name + ".download")
+    _check_out_free(out)  # before downloading gigabytes, not after
+    download = download or _hub_download
+
+    prefix = f"{HF_ROOT}/datasets/{spec.dataset_dir}"
+    # Train shards are numbered from 0, like the challenge's own download script
+    # (cached_challenge_fineweb.py: `for i in range(train_shards)`).
+    remote = [f"{prefix}/fineweb_val_{i:06d}.bin" for i in range(spec.val_shards)]
+    remote += [f"{prefix}/fineweb_train_{i:06d}.bin" for i in range(train_shards)]
+    files = [_fetch(rel, cache, download) for rel in remote]
+    if spec.tokenizer is None:
+        convert: Converter = _byte260_to_bytes
+    else:
+        tokenizer = _fetch(f"{HF_ROOT}/tokenizers/{spec.tokenizer}", cache, download)
+        convert = _sentencepiece_to_bytes(_load_sentencepiece(tokenizer), tokenizer)
+    return _convert_shards(files, out, convert) | {"variant": variant, "cache_dir": str(cache)}

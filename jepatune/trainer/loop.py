@@ -1,0 +1,464 @@
+"""The training loop: `train(config, report=...)`.
+
+One run: build the model and optimisers, stream byte batches, apply the curriculum
+weights and LR schedule of the current progress, keep the SWA average, evaluate at
+fixed steps and call `report(metrics)` there, then score the final model before and
+after the int8+zlib round trip. Runs on CPU or CUDA, in one process or under
+`torchrun`-style DDP (RANK / WORLD_SIZE / LOCAL_RANK in the environment).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from jepatune.atomic import atomic_path, atomic_write_text
+from jepatune.errors import ConfigError
+from jepatune.trainer import export, schedule
+from jepatune.trainer.checkpoint import (
+    CHECKPOINT_NAME,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from jepatune.trainer.config import TrainConfig
+from jepatune.trainer.data import (
+    DistributedTokenLoader,
+    StreamPosition,
+    check_vocab,
+    find_shards,
+    load_val_tokens,
+)
+from jepatune.trainer.evaluate import autocast, evaluate_bpb
+from jepatune.trainer.losses import lejepa_directions, lejepa_rows
+from jepatune.trainer.model import GPT, build_model, count_parameters, is_control
+from jepatune.trainer.muon import Muon
+from jepatune.trainer.swa import WeightAverage
+
+Report = Callable[[dict[str, Any]], None]
+METRICS_NAME, SUMMARY_NAME, MODEL_NAME = "metrics.jsonl", "summary.json", "final_model.pt"
+# Knobs that may differ between a checkpoint and the run resuming from it.
+RESUME_FREE_KNOBS = {"data_path", "device", "compile", "train_log_every", "val_batch_size"}
+NONFINITE_CHECK_EVERY = 25  # steps between host syncs that look for a non-finite loss
+
+
+@dataclass
+class TrainResult:
+    status: str  # "completed" or "diverged"
+    step: int
+    summary: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    bf16: bool = False
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(c: TrainConfig) -> Runtime:
+    """Pick the device and join the process group when launched with WORLD_SIZE > 1."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if c.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' but no CUDA device is available; use --set device=cpu")
+    cuda = c.device == "cuda" or (c.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    if dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    if c.grad_accum_steps % world_size:
+        raise ConfigError(f"grad_accum_steps={c.grad_accum_steps} must be divisible by the world size {world_size}")
+    bf16 = c.precision == "bf16" or (c.precision == "auto" and cuda)
+    return Runtime(device, rank, world_size, bf16)
+
+
+def build_optimizers(model: GPT, c: TrainConfig) -> tuple[list[torch.optim.Optimizer], Muon]:
+    """The reference's split: Muon for block and predictor matrices, Adam for the rest."""
+    block_params = list(model.blocks.named_parameters())
+    matrices = [p for n, p in block_params if p.ndim == 2 and not is_control(n)]
+    matrices += [p for p in model.predictor.parameters() if p.ndim == 2]
+    scalars = [p for n, p in block_params if p.ndim < 2 or is_control(n)] + [model.skip_weights]
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+
+    def adam(params: list[nn.Parameter], lr: float) -> torch.optim.Adam:
+        return torch.optim.Adam([{"params": params, "lr": lr, "base_lr": lr}], betas=(c.beta1, c.beta2),
+                                eps=c.adam_eps, **fused)
+
+    token_lr = c.tied_embed_lr if c.tie_embeddings else c.embed_lr
+    muon = Muon(matrices, lr=c.matrix_lr, momentum=c.muon_momentum, backend_steps=c.muon_backend_steps)
+    muon.param_groups[0]["base_lr"] = c.matrix_lr
+    optimizers: list[torch.optim.Optimizer] = [adam([model.tok_emb.weight], token_lr), muon,
+                                               adam(scalars, c.scalar_lr)]
+    if model.lm_head is not None:
+        optimizers.insert(1, adam([model.lm_head.weight], c.head_lr))
+    return optimizers, muon
+
+
+def trainer_code_bytes() -> int:
+    """Bytes of the trainer's source: what a submission ships beside the artifact."""
+    return sum(p.stat().st_size for p in Path(__file__).parent.glob("*.py"))
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class Trainer:
+    """The state of one training run. `train()` below is the usual entry point; the
+    benchmarks drive `train_step` directly."""
+
+    def __init__(self, c: TrainConfig, report: Report | None, out_dir: Path | None,
+                 checkpoint_dir: Path | None, verbose: bool):
+        self.c, self.report_fn, self.verbose = c, report, verbose
+        self.out_dir, self.checkpoint_dir = out_dir, checkpoint_dir
+        self.rt = setup_runtime(c)
+        self.local_accum = c.grad_accum_steps // self.rt.world_size
+        self.local_tokens = c.train_batch_tokens // (self.rt.world_size * self.local_accum)
+        self.train_files = find_shards(c.data_path, "train")
+        self.val_prefix = load_val_tokens(c.data_path, c.train_seq_len, c.val_tokens)
+        check_vocab(self.val_prefix, c.vocab_size, f"{c.data_path} val split")
+
+        torch.manual_seed(c.seed)
+        np.random.seed(c.seed)
+        self.model = build_model(c)
+        if self.rt.bf16:
+            self.model.tok_emb.to(torch.bfloat16)  # the reference's only bf16 parameter
+        self.model.to(self.rt.device)
+        self.n_params = count_parameters(self.model)
+        self.optimizers, self.muon = build_optimizers(self.model, c)
+        net: nn.Module = torch.compile(self.model, dynamic=False) if c.compile else self.model
+        # The predictor gets no gradient in stage 3 and the untied head none in stage 1.
+        self.net = DDP(net, find_unused_parameters=True) if self.rt.distributed else net
+        self.loader = DistributedTokenLoader(self.train_files, self.rt.rank, self.rt.world_size)
+        self.swa: WeightAverage | None = None
+        self.weights = torch.zeros(3, device=self.rt.device)  # (w_jepa, w_ce, w_reg) of the current step
+        self.step, self.train_time = 0, 0.0
+        self.history: list[dict[str, Any]] = []
+        self._reset_sums()
+
+    # --- bookkeeping ------------------------------------------------------------------
+    def _reset_sums(self) -> None:
+        self.loss_sum = torch.zeros(4, device=self.rt.device)  # total, ce, jepa, reg
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.rt.device)
+        self.steps_since_eval = 0
+
+    def log(self, msg: str) -> None:
+        if self.verbose and self.rt.main:
+            print(msg, file=sys.stderr, flush=True)
+
+    def elapsed(self, t0: float) -> float:
+        return self.train_time + time.perf_counter() - t0
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "config": self.c.to_dict(), "step": self.step, "train_time": self.train_time,
+            "model": self.model.state_dict(), "optimizers": [o.state_dict() for o in self.optimizers],
+            "swa": self.swa.state_dict() if self.swa else None,
+            "data_position": vars(self.loader.stream.position).copy(), "rng": rng_state(),
+        }
+
+    def restore(self, path: Path) -> None:
+        s = load_checkpoint(path)
+        theirs, ours = s["config"], self.c.to_dict()
+        differ = sorted(k for k in ours if k not in RESUME_FREE_KNOBS and _norm(theirs.get(k)) != _norm(ours[k]))
+        if differ:
+            k = differ[0]
+            raise ConfigError(f"cannot resume from {path}: {k}={theirs.get(k)!r} there but {ours[k]!r} here")
+        self.model.load_state_dict(s["model"])
+        for opt, st in zip(self.optimizers, s["optimizers"], strict=True):
+            opt.load_state_dict(st)
+        self.swa = WeightAverage.from_state_dict(s["swa"]) if s["swa"] else None
+        if self.swa:
+            self.swa.avg = {k: v.to(self.rt.device) for k, v in self.swa.avg.items()}
+        self.loader = DistributedTokenLoader(self.train_files, self.rt.rank, self.rt.world_size,
+                                             StreamPosition(**s["data_position"]))
+        self.step, self.train_time = s["step"], s["train_time"]
+        set_rng_state(s["rng"])
+
+    def emit(self, metrics: dict[str, Any]) -> None:
+        self.history.append(metrics)
+        if self.rt.main and self.out_dir is not None:
+            with open(self.out_dir / METRICS_NAME, "a", encoding="utf-8") as f:
+                f.write(json.dumps(metrics) + "\n")
+        if self.report_fn is not None:
+            self.report_fn(metrics)
+
+    # --- one optimiser step ----------------------------------------------------------------
+    def train_step(self, elapsed: float) -> None:
+        c, rt = self.c, self.rt
+        p = schedule.progress(self.step, c.iterations, elapsed, c.max_wallclock_seconds)
+        w = schedule.curriculum_weights(p, c.jepa_pure_frac, c.ce_pure_frac, c.jepa_weight, c.sigreg_weight)
+        for i, value in enumerate(w):  # scalar fills: no host-to-device copy, no sync
+            self.weights[i].fill_(value)
+        dirs = None
+        if c.regularizer == "lejepa" and w.stage < 3:
+            dirs = lejepa_directions(c.model_dim, c.lejepa_directions, self.step, c.seed, rt.device)
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=True)
+        for micro in range(self.local_accum):
+            x, y = (torch.from_numpy(a).to(rt.device, non_blocking=True)
+                    for a in self.loader.next_batch(self.local_tokens, c.train_seq_len))
+            rows = None
+            if dirs is not None:
+                # Seeded by the global micro-batch index: the same subset whatever the world size.
+                micro_index = self.step * c.grad_accum_steps + rt.rank * self.local_accum + micro
+                rows = lejepa_rows(x.numel(), c.lejepa_positions, micro_index, c.seed, rt.device)
+            if rt.distributed:  # all-reduce gradients on the last micro-batch only
+                self.net.require_backward_grad_sync = micro == self.local_accum - 1
+            with autocast(rt.device, rt.bf16):
+                total, parts = self.net(x, y, self.weights, w.stage, dirs, rows)
+            (total / self.local_accum).backward()
+            self.loss_sum += torch.cat((total.detach().reshape(1), parts)) / self.local_accum
+            self.nonfinite |= ~torch.isfinite(total.detach())
+        self.muon.param_groups[0]["momentum"] = schedule.muon_momentum(
+            self.step, c.muon_momentum_warmup_start, c.muon_momentum, c.muon_momentum_warmup_steps)
+        lr = schedule.lr_multiplier(self.step, c.iterations, c.warmdown_iters, elapsed,
+                                    c.max_wallclock_seconds, c.warmdown_frac)
+        for o in self.optimizers:
+            for g in o.param_groups:
+                g["lr"] = g["base_lr"] * lr
+        if c.grad_clip_norm > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip_norm)
+        for o in self.optimizers:
+            o.step()
+        self.step += 1
+        self.steps_since_eval += 1
+        if c.swa_enabled and p >= c.swa_start:
+            if self.swa is None:
+                self.swa = WeightAverage(self.model, c.swa_decay, c.swa_fp32_shadow)
+            else:
+                self.swa.update(self.model)
+        self.last_weights, self.last_lr, self.last_progress = w, lr, p
+
+    def diverged(self) -> bool:
+        return bool(self.nonfinite.item())
+
+    # --- evaluation points --------------------------------------------------------------
+    def is_eval_step(self, step: int) -> bool:
+        c = self.c
+        return step in c.eval_steps or (c.val_loss_every > 0 and step % c.val_loss_every == 0)
+
+    def eval_metrics(self) -> dict[str, Any]:
+        c = self.c
+        val_loss, val_bpb = evaluate_bpb(self.net, self.val_prefix, c.train_seq_len, c.val_batch_size,
+                                         self.rt.device, self.rt.bf16, self.rt.rank, self.rt.world_size)
+        n = max(self.steps_since_eval, 1)
+        if self.rt.distributed:  # the mean over every rank's micro-batches
+            dist.all_reduce(self.loss_sum)
+            self.loss_sum /= self.rt.world_size
+        sums = (self.loss_sum / n).tolist()
+        w = getattr(self, "last_weights", schedule.curriculum_weights(
+            0.0, c.jepa_pure_frac, c.ce_pure_frac, c.jepa_weight, c.sigreg_weight))
+        metrics = {
+            "step": self.step, "tokens": self.step * c.train_batch_tokens, "elapsed_s": round(self.train_time, 3),
+            "val_loss": val_loss, "val_bpb": val_bpb,
+            "train_loss": sums[0] if self.steps_since_eval else None,
+            "loss_ce": sums[1] if self.steps_since_eval else None,
+            "loss_jepa": sums[2] if self.steps_since_eval else None,
+            "loss_reg": sums[3] if self.steps_since_eval else None,
+            "w_jepa": w.jepa, "w_ce": w.ce, "w_reg": w.reg, "stage": w.stage,
+            "lr_mult": getattr(self, "last_lr", 1.0), "progress": getattr(self, "last_progress", 0.0),
+            "swa_active": self.swa is not None,
+        }
+        self._reset_sums()
+        return metrics
+
+    def checkpoint(self, metrics: dict[str, Any]) -> None:
+        if self.checkpoint_dir is None:
+            return
+        if self.rt.main:
+            metrics["checkpoint"] = str(save_checkpoint(self.checkpoint_dir / CHECKPOINT_NAME, self.state()))
+        if self.rt.distributed:
+            dist.barrier()
+
+    # --- the run ------------------------------------------------------------------------
+    def run(self, resume_from: Path | None) -> TrainResult:
+        c, rt = self.c, self.rt
+        if resume_from is not None:
+            self.restore(resume_from)
+            self.log(f"resumed from {resume_from} at step {self.step}")
+        elif c.compile and c.warmup_steps > 0:
+            self.prime_compile()
+        self.log(f"model_params:{self.n_params} device:{rt.device} world_size:{rt.world_size} "
+                 f"accum:{self.local_accum} bf16:{rt.bf16}")
+        resumed_at = self.step if resume_from is not None else -1
+        stop_after: int | None = None
+        t0 = time.perf_counter()
+        while True:
+            last = self.step >= c.iterations or (stop_after is not None and self.step >= stop_after)
+            if self.step != resumed_at and (last or self.is_eval_step(self.step)):
+                self.train_time += time.perf_counter() - t0
+                if self.diverged():
+                    return self.finish_diverged()
+                metrics = self.eval_metrics()
+                if not math.isfinite(metrics["val_loss"]):
+                    return self.finish_diverged()
+                self.log(f"step:{self.step}/{c.iterations} val_bpb:{metrics['val_bpb']:.4f} "
+                         f"train_time:{self.train_time:.1f}s stage:{metrics['stage']}")
+                self.checkpoint(metrics)
+                self.emit(metrics)
+                t0 = time.perf_counter()
+            if last:
+                break
+            elapsed = self.elapsed(t0)
+            if rt.distributed and c.max_wallclock_seconds > 0:  # every rank must see the same progress
+                e = torch.tensor(elapsed, device=rt.device, dtype=torch.float64)
+                dist.all_reduce(e, op=dist.ReduceOp.MAX)
+                elapsed = e.item()
+            self.train_step(elapsed)
+            if self.step % NONFINITE_CHECK_EVERY == 0 and self.diverged():
+                self.train_time += time.perf_counter() - t0
+                return self.finish_diverged()
+            if c.train_log_every > 0 and self.step % c.train_log_every == 0:
+                n = max(self.steps_since_eval, 1)
+                ms = 1000 * self.elapsed(t0) / max(self.step, 1)
+                self.log(f"step:{self.step}/{c.iterations} train_loss:{self.loss_sum[0].item() / n:.4f} "
+                         f"stage:{self.last_weights.stage} step_avg:{ms:.1f}ms")
+            if c.max_wallclock_seconds > 0 and stop_after is None and self.elapsed(t0) >= c.max_wallclock_seconds:
+                stop_after = self.step
+        return self.finish()
+
+    def prime_compile(self) -> None:
+        """Run warm-up steps to compile every graph, then undo them (as the reference)."""
+        c = self.c
+        model0 = copy.deepcopy(self.model.state_dict())
+        opts0 = [copy.deepcopy(o.state_dict()) for o in self.optimizers]
+        for i in range(c.warmup_steps):
+            # Spread the warm-up over the budget so every curriculum stage's graph compiles.
+            self.step = i * c.iterations // c.warmup_steps
+            self.train_step(elapsed=self.step / c.iterations * c.max_wallclock_seconds)
+        self.model.load_state_dict(model0)
+        for o, s in zip(self.optimizers, opts0, strict=True):
+            o.load_state_dict(s)
+        self.loader = DistributedTokenLoader(self.train_files, self.rt.rank, self.rt.world_size)
+        self.swa, self.step = None, 0
+        self._reset_sums()
+        for attr in ("last_weights", "last_lr", "last_progress"):
+            self.__dict__.pop(attr, None)
+
+    def finish_diverged(self) -> TrainResult:
+        summary = {"status": "diverged", "step": self.step, "tokens": self.step * self.c.train_batch_tokens,
+                   "elapsed_s": round(self.train_time, 3), "val_bpb": math.inf, "params": self.n_params}
+        self.log(f"diverged: non-finite loss by step {self.step}")
+        self.write_summary(summary)
+        self.emit({**summary, "final": True})
+        return TrainResult("diverged", self.step, summary, self.history)
+
+    def score(self, state: dict[str, torch.Tensor]) -> tuple[float, float, int]:
+        """(pre-quant BPB, post-quant BPB, artifact bytes) of `state` on the full val split."""
+        c = self.c
+        full = load_val_tokens(c.data_path, c.train_seq_len)
+        self.model.load_state_dict(state)
+        pre = evaluate_bpb(self.net, full, c.train_seq_len, c.val_batch_size, self.rt.device, self.rt.bf16,
+                           self.rt.rank, self.rt.world_size)[1]
+        shipped = state if c.save_predictor else export.drop_predictor(state)
+        blob, _ = export.artifact_bytes(shipped)
+        restored = export.decode_artifact(blob)
+        self.model.load_state_dict({**state, **restored})
+        post = evaluate_bpb(self.net, full, c.train_seq_len, c.val_batch_size, self.rt.device, self.rt.bf16,
+                            self.rt.rank, self.rt.world_size)[1]
+        return pre, post, len(blob)
+
+    def finish(self) -> TrainResult:
+        c = self.c
+        raw = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        raw_pre, raw_post, raw_bytes = self.score(raw)
+        summary: dict[str, Any] = {"status": "completed", "step": self.step, "tokens": self.step * c.train_batch_tokens,
+                                   "elapsed_s": round(self.train_time, 3), "params": self.n_params,
+                                   "raw_bpb": raw_pre, "raw_q_bpb": raw_post, "avg_bpb": None, "avg_q_bpb": None,
+                                   "swa_steps_averaged": None}
+        final_state, pre, post, nbytes = raw, raw_pre, raw_post, raw_bytes
+        if self.swa is not None:
+            final_state = self.swa.averaged_state(self.model)
+            pre, post, nbytes = self.score(final_state)
+            summary.update(avg_bpb=pre, avg_q_bpb=post)
+        self.model.load_state_dict(final_state)
+        if not math.isfinite(post):  # weights blew up without a non-finite training loss
+            return self.finish_diverged()
+        code = trainer_code_bytes()
+        summary.update(val_bpb=post, prequant_bpb=pre, artifact_bytes=nbytes, code_bytes=code,
+                       total_bytes=nbytes + code, fits_cap=export.fits_cap(nbytes, code),
+                       peak_mem_mib=round(peak_memory_mib(self.rt.device), 1))
+        if self.rt.main and self.out_dir is not None:
+            shipped = final_state if c.save_predictor else export.drop_predictor(final_state)
+            export.write_artifact(shipped, self.out_dir / export.ARTIFACT_NAME)
+            _save_torch(self.out_dir / MODEL_NAME, {k: v.cpu() for k, v in final_state.items()})
+        self.log(f"final val_bpb (int8+zlib round trip): {post:.4f} pre-quant: {pre:.4f} "
+                 f"artifact: {nbytes} bytes (+{code} code) fits_cap: {summary['fits_cap']}")
+        self.write_summary(summary)
+        self.emit({**summary, "final": True})
+        return TrainResult("completed", self.step, summary, self.history)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        if self.rt.main and self.out_dir is not None:
+            atomic_write_text(self.out_dir / SUMMARY_NAME, json.dumps(
+                {**summary, "config": self.c.to_dict()}, indent=2, default=str) + "\n")
+
+
+def _norm(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _save_torch(path: Path, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def train(config: TrainConfig, report: Report | None = None, *, out_dir: str | os.PathLike | None = None,
+          checkpoint_dir: str | os.PathLike | None = None, resume_from: str | os.PathLike | None = None,
+          verbose: bool = False, on_start: Callable[[], None] | None = None) -> TrainResult:
+    """Train one ByteJEPA model.
+
+    report: called with a metrics dict at every evaluation point (step, tokens,
+        elapsed_s, val_bpb on the val prefix, train loss and its parts, curriculum
+        weights, ...) and once at the end with the final summary (`final: True`).
+    out_dir: where metrics.jsonl, final_model.pt, final_model.int8.ptz and
+        summary.json go (nothing is written when None).
+    checkpoint_dir: when set, a resumable checkpoint is written there at every
+        evaluation point, before `report` is called (its path is in metrics["checkpoint"]).
+    resume_from: a checkpoint file or folder to continue from.
+    on_start: called once the data and config are checked and the output folder exists.
+    """
+    out = Path(out_dir).resolve() if out_dir is not None else None
+    ckpt = Path(checkpoint_dir).resolve() if checkpoint_dir is not None else None
+    run = Trainer(config, report, out, ckpt, verbose)  # checks data and config before anything is written
+    for folder in (out, ckpt):
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+    if on_start is not None:
+        on_start()
+    return run.run(Path(resume_from) if resume_from is not None else None)

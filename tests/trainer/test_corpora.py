@@ -1,0 +1,297 @@
+"""Byte corpora builders: demo (stdlib), text files, SentencePiece transpile, FineWeb fetch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jepatune.errors import DataError
+from jepatune.trainer.corpora import (
+    FINEWEB_VARIANTS,
+    HF_ROOT,
+    SEPARATOR,
+    build_demo,
+    build_from_text,
+    fetch_fineweb,
+    transpile_sentencepiece,
+)
+from jepatune.trainer.data import find_shards, read_shard, write_shard
+
+spm = pytest.importorskip("sentencepiece")
+
+SAMPLE = "Hello  world!\nA line with ünïcödé — and emoji 🙂.\n\n\tThe quick brown fox, café 日本語."
+
+
+def split_bytes(folder: Path, split: str) -> bytes:
+    shards = [read_shard(f) for f in find_shards(folder, split)]
+    tokens = np.concatenate(shards) if shards else np.zeros(0, np.uint16)
+    assert tokens.size == 0 or int(tokens.max()) < 256
+    return tokens.astype(np.uint8).tobytes()
+
+
+def no_leftovers(parent: Path) -> bool:
+    return not [p for p in parent.iterdir() if ".tmp-" in p.name]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real, tiny SentencePiece BPE model, trained offline in a fraction of a second."""
+    folder = tmp_path_factory.mktemp("sp")
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu sigma tau".split()
+    lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) + f" line {i}." for i in range(200)]
+    lines += ["The quick brown fox jumps over the lazy dog, café, naïve, 日本語."] * 40
+    (folder / "train.txt").write_text("\n".join(lines), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(folder / "train.txt"), model_prefix=str(folder / "tiny"), vocab_size=320, model_type="bpe",
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2,
+    )
+    return folder / "tiny.model"
+
+
+def sp_encode(tokenizer: Path, text: str) -> np.ndarray:
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    ids = sp.encode(text)
+    assert sp.decode(ids) == text  # the model itself round-trips, so any mismatch is the transpiler's
+    return np.array(ids, dtype=np.uint16)
+
+
+# ----------------------------------------------------------------------------------- demo
+
+
+def test_demo_builds_readable_deterministic_disjoint_splits(tmp_path: Path) -> None:
+    a = build_demo(tmp_path / "a", train_mb=1.0, val_mb=0.2)
+    b = build_demo(tmp_path / "b", train_mb=1.0, val_mb=0.2)
+    assert (a["train_bytes"], a["val_bytes"], a["reused"]) == (1_000_000, 200_000, False)
+    assert {**b, "out": a["out"]} == a
+    for split in ("train", "val"):
+        assert split_bytes(tmp_path / "a", split) == split_bytes(tmp_path / "b", split)
+    train, val = split_bytes(tmp_path / "a", "train"), split_bytes(tmp_path / "a", "val")
+    assert len(train) == a["train_bytes"] and len(val) == a["val_bytes"]
+
+    meta = json.loads((tmp_path / "a" / "corpus.json").read_text())
+    root = Path(meta["stdlib"])
+    docs = {s: meta[s]["documents"] for s in ("train", "val")}
+    assert "pydoc_data/topics.py" not in {r for r, _ in docs["val"]}  # too big for val
+    # a stable shuffle, not alphabetical: each split mixes packages and modules from everywhere
+    train_names = [r for r, _ in docs["train"]]
+    assert train_names != sorted(train_names) and len({r.split("/")[0][:1] for r in train_names}) > 5
+    # corpus.json describes the shards exactly: each split is its files' bytes joined in order
+    # (the last one cut at the size limit), so disjoint file hashes mean disjoint content.
+    for split, data in (("train", train), ("val", val)):
+        joined = SEPARATOR.join((root / rel).read_bytes() for rel, _ in docs[split])
+        assert joined[: len(data)] == data
+    assert not {h for _, h in docs["train"]} & {h for _, h in docs["val"]}
+    assert not {r for r, _ in docs["train"]} & {r for r, _ in docs["val"]}
+    assert no_leftovers(tmp_path)
+
+
+def test_demo_default_size_and_shard_splitting(tmp_path: Path) -> None:
+    s = build_demo(tmp_path / "d")
+    assert abs(s["train_bytes"] - 4_000_000) < 1000 and abs(s["val_bytes"] - 500_000) < 1000
+    small = build_demo(tmp_path / "small", train_mb=0.25, val_mb=0.05, shard_bytes=100_000)
+    assert [f.name for f in find_shards(tmp_path / "small", "train")] == [
+        f"fineweb_train_{i:06d}.bin" for i in range(3)
+    ]
+    assert small["files"] == 3 + 1
+    sizes = [read_shard(f).size for f in find_shards(tmp_path / "small", "train")]
+    assert sizes == [100_000, 100_000, 50_000]
+
+
+def test_demo_reuses_a_complete_folder_and_refuses_other_settings(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    first = build_demo(out, train_mb=0.3, val_mb=0.05)
+    shard = out / "fineweb_train_000000.bin"
+    stamp = shard.stat().st_mtime_ns
+    again = build_demo(out, train_mb=0.3, val_mb=0.05)
+    assert again["reused"] is True and shard.stat().st_mtime_ns == stamp
+    assert {k: again[k] for k in ("files", "train_bytes", "val_bytes")} == {
+        k: first[k] for k in ("files", "train_bytes", "val_bytes")
+    }
+    with pytest.raises(DataError, match="pick another folder or delete it"):
+        build_demo(out, train_mb=0.4, val_mb=0.05)
+    shard.unlink()
+    with pytest.raises(DataError):
+        build_demo(out, train_mb=0.3, val_mb=0.05)
+
+
+# ----------------------------------------------------------------------------------- text
+
+
+def test_text_round_trip_and_val_tail(tmp_path: Path) -> None:
+    texts = ["first file, ünïcödé\n", "second — 日本語 🙂", "third " * 50]
+    files = []
+    for i, t in enumerate(texts):
+        files.append(tmp_path / f"{i}.txt")
+        files[-1].write_text(t, encoding="utf-8")
+    s = build_from_text(files, tmp_path / "out", val_frac=0.1, shard_bytes=64)
+    whole = SEPARATOR.join(t.encode() for t in texts)
+    train, val = split_bytes(tmp_path / "out", "train"), split_bytes(tmp_path / "out", "val")
+    assert (train + val).decode("utf-8") == SEPARATOR.decode().join(texts)
+    assert len(val) == round(len(whole) * 0.1) == s["val_bytes"] and s["train_bytes"] == len(train)
+    assert all(read_shard(f).size <= 64 for f in (tmp_path / "out").glob("*.bin"))
+    assert s["files"] == len(list((tmp_path / "out").glob("*.bin"))) > 2
+
+
+def test_text_tiny_input_keeps_one_val_byte(tmp_path: Path) -> None:
+    (tmp_path / "t.txt").write_text("ab")
+    s = build_from_text([tmp_path / "t.txt"], tmp_path / "out", val_frac=0.01)
+    assert (s["train_bytes"], s["val_bytes"]) == (1, 1)
+    (tmp_path / "one.txt").write_text("a")
+    with pytest.raises(DataError, match="too little"):
+        build_from_text([tmp_path / "one.txt"], tmp_path / "out2")
+
+
+def test_text_errors_name_the_file(tmp_path: Path) -> None:
+    good = tmp_path / "good.txt"
+    good.write_text("plenty of good text " * 10)
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 ok".encode("latin-1"))
+    with pytest.raises(DataError, match="missing.txt: no such"):
+        build_from_text([good, tmp_path / "missing.txt"], tmp_path / "o1")
+    with pytest.raises(DataError, match="empty.txt: the file is empty"):
+        build_from_text([good, tmp_path / "empty.txt"], tmp_path / "o2")
+    with pytest.raises(DataError, match="latin1.txt: not valid UTF-8"):
+        build_from_text([good, tmp_path / "latin1.txt"], tmp_path / "o3")
+    # a failure half-way through leaves neither the output nor the staging folder behind
+    assert not (tmp_path / "o3").exists() and no_leftovers(tmp_path)
+
+
+def test_refuses_a_non_empty_output_folder(tmp_path: Path) -> None:
+    good = tmp_path / "good.txt"
+    good.write_text("plenty of good text " * 10)
+    build_from_text([good], tmp_path / "out")
+    with pytest.raises(DataError, match="already holds 2 shards; pick an empty folder or delete it"):
+        build_from_text([good], tmp_path / "out")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.md").write_text("x")
+    with pytest.raises(DataError, match="is not empty"):
+        build_demo(tmp_path / "other", train_mb=0.1, val_mb=0.01)
+    (tmp_path / "empty").mkdir()  # an existing empty folder is fine
+    assert build_from_text([good], tmp_path / "empty")["files"] == 2
+
+
+# ------------------------------------------------------------------------------ transpile
+
+
+def test_transpile_decodes_each_shard_to_its_exact_text(tmp_path: Path, tokenizer: Path) -> None:
+    sp_dir = tmp_path / "sp"
+    texts = {"fineweb_train_000000.bin": SAMPLE, "fineweb_train_000001.bin": "lambda mu, naïve " * 30,
+             "fineweb_val_000000.bin": "The lazy dog 🙂 sleeps."}
+    for name, text in texts.items():
+        write_shard(sp_dir / name, sp_encode(tokenizer, text))
+    s = transpile_sentencepiece(sp_dir, tokenizer, tmp_path / "bytes")
+    for name, text in texts.items():
+        assert read_shard(tmp_path / "bytes" / name).astype(np.uint8).tobytes() == text.encode("utf-8")
+    assert s["files"] == 3 and s["val_bytes"] == len(texts["fineweb_val_000000.bin"].encode())
+
+
+def test_transpile_errors(tmp_path: Path, tokenizer: Path) -> None:
+    sp_dir = tmp_path / "sp"
+    sp_dir.mkdir()
+    with pytest.raises(DataError, match="no fineweb_train"):
+        transpile_sentencepiece(sp_dir, tokenizer, tmp_path / "o1")
+    write_shard(sp_dir / "fineweb_val_000000.bin", np.array([5, 6, 320], dtype=np.uint16))
+    with pytest.raises(DataError, match="fineweb_val_000000.bin: token id 320 >= the vocab size 320"):
+        transpile_sentencepiece(sp_dir, tokenizer, tmp_path / "o2")
+    with pytest.raises(DataError, match="does not exist"):
+        transpile_sentencepiece(sp_dir, tmp_path / "nope.model", tmp_path / "o3")
+    (tmp_path / "junk.model").write_bytes(b"not a model")
+    with pytest.raises(DataError, match="not a SentencePiece model"):
+        transpile_sentencepiece(sp_dir, tmp_path / "junk.model", tmp_path / "o4")
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5)) and no_leftovers(tmp_path)
+
+
+# -------------------------------------------------------------------------------- fineweb
+
+
+class FakeHub:
+    """Stand-in for the hub download: copies from a local folder laid out like the remote."""
+
+    def __init__(self, root: Path):
+        self.root, self.calls = root, []
+
+    def __call__(self, relative_path: str, local_dir: Path) -> Path:
+        self.calls.append(relative_path)
+        dst = Path(local_dir) / relative_path
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.root / relative_path, dst)
+        return dst
+
+
+def byte260(*docs: bytes) -> np.ndarray:
+    ids = []
+    for d in docs:
+        ids += [1] + [b + 4 for b in d]  # BOS, then each byte shifted past the 4 specials
+    return np.array(ids, dtype=np.uint16)
+
+
+def test_fetch_byte260_unshifts_bytes_and_reuses_the_cache(tmp_path: Path) -> None:
+    hub = FakeHub(tmp_path / "hub")
+    data = hub.root / HF_ROOT / "datasets" / "fineweb10B_byte260"
+    docs = {
+        "fineweb_val_000000.bin": [b"val one \xff\x00", "ünï".encode()],
+        "fineweb_val_000001.bin": [b"val two"],
+        "fineweb_train_000000.bin": [b"train A", b"train B"],
+        "fineweb_train_000001.bin": [bytes(range(256))],
+        "fineweb_train_000002.bin": [b"never asked for"],
+    }
+    for name, d in docs.items():
+        write_shard(data / name, byte260(*d))
+    s = fetch_fineweb(tmp_path / "out", train_shards=2, variant="byte260", download=hub)
+    assert sorted(hub.calls) == sorted(
+        f"{HF_ROOT}/datasets/fineweb10B_byte260/{n}" for n in list(docs)[:4]
+    )
+    for name, d in list(docs.items())[:4]:
+        assert read_shard(tmp_path / "out" / name).tolist() == list(b"".join(d))
+    assert not (tmp_path / "out" / "fineweb_train_000002.bin").exists()
+    val_bytes = sum(len(b"".join(docs[f"fineweb_val_00000{i}.bin"])) for i in range(2))
+    assert (s["files"], s["val_bytes"]) == (4, val_bytes)
+    assert (tmp_path / "out.download" / HF_ROOT).is_dir()
+
+    fetch_fineweb(tmp_path / "out2", train_shards=2, variant="byte260", download=hub,
+                  cache_dir=tmp_path / "out.download")
+    assert len(hub.calls) == 4  # everything came from the cache
+
+    write_shard(data / "fineweb_train_000002.bin", np.array([1, 300], dtype=np.uint16))
+    with pytest.raises(DataError, match="fineweb_train_000002.bin: token id 300 > 259"):
+        fetch_fineweb(tmp_path / "out3", train_shards=3, variant="byte260", download=hub,
+                      cache_dir=tmp_path / "out.download")
+    assert not (tmp_path / "out3").exists()
+
+
+def test_fetch_sp1024_decodes_with_the_downloaded_tokenizer(tmp_path: Path, tokenizer: Path) -> None:
+    hub = FakeHub(tmp_path / "hub")
+    (hub.root / HF_ROOT / "tokenizers").mkdir(parents=True)
+    shutil.copyfile(tokenizer, hub.root / HF_ROOT / "tokenizers" / "fineweb_1024_bpe.model")
+    texts = {"fineweb_val_000000.bin": "A val document, café.", "fineweb_train_000000.bin": SAMPLE}
+    for name, text in texts.items():
+        write_shard(hub.root / HF_ROOT / "datasets" / "fineweb10B_sp1024" / name, sp_encode(tokenizer, text))
+    s = fetch_fineweb(tmp_path / "out", train_shards=1, download=hub)
+    for name, text in texts.items():
+        assert read_shard(tmp_path / "out" / name).astype(np.uint8).tobytes() == text.encode()
+    assert s["train_bytes"] == len(SAMPLE.encode()) and s["variant"] == "sp1024"
+    assert f"{HF_ROOT}/tokenizers/fineweb_1024_bpe.model" in hub.calls and len(hub.calls) == 3
+    fetch_fineweb(tmp_path / "again", train_shards=1, download=hub, cache_dir=tmp_path / "out.download")
+    assert len(hub.calls) == 3
+
+
+@pytest.mark.parametrize(("variant", "n"), [("sp1024", 0), ("sp1024", 26), ("byte260", 62), ("sp4096", 1)])
+def test_fetch_rejects_bad_requests_before_downloading(tmp_path: Path, variant: str, n: int) -> None:
+    hub = FakeHub(tmp_path / "hub")
+    with pytest.raises(DataError):
+        fetch_fineweb(tmp_path / "out", train_shards=n, variant=variant, download=hub)
+    assert hub.calls == [] and not (tmp_path / "out").exists()
+
+
+def test_fetch_refuses_a_full_output_folder_before_downloading(tmp_path: Path) -> None:
+    hub = FakeHub(tmp_path / "hub")
+    (tmp_path / "out").mkdir()
+    write_shard(tmp_path / "out" / "fineweb_val_000000.bin", np.zeros(3, np.uint16))
+    with pytest.raises(DataError, match="pick an empty folder"):
+        fetch_fineweb(tmp_path / "out", train_shards=1, download=hub)
+    assert hub.calls == []
+    assert FINEWEB_VARIANTS["sp1024"].max_train_shards == 25 and FINEWEB_VARIANTS["byte260"].val_shards == 2

@@ -1,0 +1,132 @@
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from jepatune.trainer.loop import train
+
+
+def losses(history):
+    return [(h["step"], h["val_bpb"], h.get("train_loss")) for h in history]
+
+
+def test_reports_carry_the_documented_metrics(tiny):
+    seen = []
+    result = train(tiny.replace(val_loss_every=0, eval_steps=(3, 6)), report=seen.append)
+    assert result.status == "completed"
+    evals, final = seen[:-1], seen[-1]
+    assert [m["step"] for m in evals] == [3, 6, 12]  # the extra steps, and always the last
+    for key in ("step", "tokens", "elapsed_s", "val_bpb", "train_loss", "loss_ce", "loss_jepa", "loss_reg",
+                "w_jepa", "w_ce", "w_reg", "stage", "lr_mult", "swa_active"):
+        assert key in evals[1], key
+    assert evals[1]["tokens"] == 6 * tiny.train_batch_tokens
+    # jepa_pure_frac=0.25, ce_pure_frac=0.5 of 12 steps; a report shows its last step's stage
+    assert [m["stage"] for m in evals] == [1, 2, 3]
+    assert evals[0]["loss_ce"] == 0 and evals[0]["loss_jepa"] > 0  # stage 1 trains no CE
+    assert evals[2]["loss_jepa"] == 0 and evals[2]["swa_active"] and not evals[0]["swa_active"]
+    assert final["final"] and final["status"] == "completed" and math.isfinite(final["val_bpb"])
+    assert final["avg_q_bpb"] == final["val_bpb"] and final["raw_bpb"] is not None
+    assert final["artifact_bytes"] > 0 and final["fits_cap"]
+
+
+def test_same_seed_same_losses_and_another_seed_differs(tiny):
+    a, b = train(tiny), train(tiny)
+    assert losses(a.history) == losses(b.history)
+    c = train(tiny.replace(seed=7))
+    assert losses(c.history) != losses(a.history)
+
+
+def test_resume_equals_uninterrupted(tiny, tmp_path):
+    saved = tmp_path / "mid.pt"
+
+    def keep_step_8(metrics):
+        if metrics.get("step") == 8 and not metrics.get("final"):
+            shutil.copy(metrics["checkpoint"], saved)
+
+    full = train(tiny, report=keep_step_8, checkpoint_dir=tmp_path / "ckpt")
+    assert saved.exists()
+    resumed = train(tiny, resume_from=saved)
+    assert [h["step"] for h in resumed.history] == [12, 12]
+    assert losses(resumed.history) == losses(full.history)[-2:]
+    assert resumed.summary["val_bpb"] == full.summary["val_bpb"]
+
+
+def test_resume_refuses_a_different_recipe(tiny, tmp_path):
+    from jepatune.errors import ConfigError
+
+    train(tiny.replace(iterations=4), checkpoint_dir=tmp_path)
+    with pytest.raises(ConfigError, match="model_dim"):
+        train(tiny.replace(iterations=4, model_dim=64), resume_from=tmp_path)
+
+
+def test_divergence_ends_the_run_with_status_diverged(tiny, tmp_path):
+    result = train(tiny.replace(tied_embed_lr=1e36, scalar_lr=1e36), out_dir=tmp_path)
+    assert result.status == "diverged" and result.summary["val_bpb"] == math.inf
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
+    assert not (tmp_path / "final_model.int8.ptz").exists()
+
+
+def test_tiny_model_learns_the_demo_corpus(tiny):
+    result = train(tiny.replace(iterations=200, val_loss_every=100, val_tokens=0))
+    assert result.summary["val_bpb"] < 6.0  # from 8.0 (uniform) at step 0
+    assert result.history[0]["val_bpb"] > 7.5
+
+
+DDP_WORKER = """
+import json, sys
+from jepatune.trainer.config import TrainConfig
+from jepatune.trainer.loop import train
+config = TrainConfig.from_dict(json.loads(sys.argv[1]))
+result = train(config)
+if __import__("os").environ["RANK"] == "0":
+    print("RESULT" + json.dumps(result.history))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("regularizer", ["varcov", "lejepa"])
+def test_two_process_ddp_matches_one_process_with_accumulation(tiny, regularizer):
+    config = tiny.replace(iterations=6, val_loss_every=3, jepa_pure_frac=0.3, ce_pure_frac=0.6,
+                          regularizer=regularizer)
+    args = json.dumps(config.to_dict())
+    single = train(config).history
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1",
+           "MASTER_PORT": str(29500 + os.getpid() % 1000)}
+    procs = [subprocess.Popen([sys.executable, "-c", DDP_WORKER, args], text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
+    ddp = json.loads(outs[0][0].split("RESULT", 1)[1])
+    assert [h["step"] for h in ddp] == [h["step"] for h in single]
+    for a, b in zip(ddp, single, strict=True):
+        assert a["val_bpb"] == pytest.approx(b["val_bpb"], rel=1e-4, abs=1e-4)
+        if b.get("train_loss") is not None:
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4, abs=1e-4)
+
+
+def test_wallclock_budget_drives_the_curriculum_and_stops_the_run(tiny):
+    seen = []
+    result = train(tiny.replace(iterations=10**6, max_wallclock_seconds=1.5, val_loss_every=5), report=seen.append)
+    evals = [m for m in seen if not m.get("final")]
+    assert result.status == "completed" and 5 < result.step < 10**6
+    assert evals[-1]["elapsed_s"] >= 1.5
+    progress = [m["progress"] for m in evals[1:]]
+    assert progress == sorted(progress) and progress[-1] > 0.8  # by time, not by step / iterations
+    assert evals[-1]["stage"] == 3 and evals[-1]["lr_mult"] < 0.5  # warm-down by time too
+
+
+def test_reference_mixed_precision_on_cpu(tiny, tmp_path):
+    import torch
+
+    from jepatune.trainer.export import read_artifact
+
+    result = train(tiny.replace(precision="bf16"), out_dir=tmp_path)
+    assert result.status == "completed"
+    restored = read_artifact(tmp_path / "final_model.int8.ptz")
+    assert restored["tok_emb.weight"].dtype == torch.bfloat16  # the reference's one bf16 parameter
+    assert restored["blocks.0.attn.c_q.weight"].dtype == torch.float32
