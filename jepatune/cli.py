@@ -119,6 +119,51 @@ def _run_training(config, out: Path, resume: bool = False) -> int:
     return 0 if result.status == "completed" else 1
 
 
+# --- search and retrain ----------------------------------------------------------------------
+
+def _sweep_settings(args: argparse.Namespace):
+    from jepatune.search.sweep import SweepSettings
+    from jepatune.trainer.config import parse_set_args
+
+    if args.data is None and not args.resume:
+        raise JepatuneError("--data is required: a byte-shard folder (build one with `jepatune data demo --out DIR`)")
+    return SweepSettings(
+        data=str(args.data.resolve()) if args.data else "", out=str(args.out), name=args.name, space=args.space,
+        samples=args.samples, trial_steps=args.trial_steps, grace_steps=args.grace_steps,
+        reduction_factor=args.reduction_factor, concurrency=args.concurrency, cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial, storage=args.storage, preset=args.preset,
+        overrides=parse_set_args(args.overrides), seed=args.seed, max_failures=args.max_failures,
+        final_steps=args.final_steps, final_seeds=args.final_seeds)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from jepatune.search.sweep import finalize, leaderboard, read_settings, run_sweep
+
+    settings = _sweep_settings(args)
+    if not args.resume:
+        _prepare_out(settings.folder)
+    t0 = time.perf_counter()
+    run_sweep(settings, resume=args.resume)
+    print(f"sweep finished in {time.perf_counter() - t0:.0f}s")
+    settings = read_settings(settings.folder)  # on --resume, the settings the sweep started with
+    if settings.final_steps:
+        finalize(settings.folder)
+    print(leaderboard(settings.folder))
+    print(f"experiment folder: {settings.folder} (tables in tables/, best recipe in best.toml)")
+    return 0
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from jepatune.search.sweep import finalize, leaderboard
+
+    folder = args.target.resolve()
+    if not folder.is_dir():
+        raise JepatuneError(f"{folder} is not a sweep folder; give the folder `jepatune search` made")
+    finalize(folder, final_steps=args.final_steps, final_seeds=args.final_seeds)
+    print(leaderboard(folder))
+    return 0
+
+
 # --- demo -----------------------------------------------------------------------------------
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -152,6 +197,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--help-config", action="store_true", help="list every config knob with its default")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("search", help="a Ray Tune + Optuna + ASHA sweep, then retrain the best")
+    p.add_argument("--space", default="curriculum", help="curriculum, regularizer, optimizer, full, or a TOML file")
+    p.add_argument("--samples", type=int, default=16, help="trials (the reference recipe is always the first)")
+    p.add_argument("--trial-steps", type=int, default=200, help="each trial's budget in optimiser steps")
+    p.add_argument("--data", type=Path, help="byte-shard folder, the same path on every node")
+    p.add_argument("--out", type=Path, default=Path("runs"), help="where the experiment folder goes")
+    p.add_argument("--name", default="sweep", help="experiment folder name under --out")
+    p.add_argument("--storage", help="where Ray keeps trials on a cluster: s3://bucket/path or a shared folder")
+    p.add_argument("--preset", help="starting config for every trial, e.g. tiny")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="fix a trainer knob for every trial (repeatable)")
+    p.add_argument("--concurrency", type=int, default=2, help="trials at once")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="0.5 packs two trials per GPU")
+    p.add_argument("--grace-steps", type=int, default=0, help="first ASHA rung in steps (0 = trial-steps / 8)")
+    p.add_argument("--reduction-factor", type=int, default=2, help="ASHA keeps 1 / this at each rung")
+    p.add_argument("--seed", type=int, default=0, help="the sampler's seed")
+    p.add_argument("--max-failures", type=int, default=2, help="restarts of a failed trial from its checkpoint")
+    p.add_argument("--final-steps", type=int, default=0, help="retrain the best and the reference at this budget")
+    p.add_argument("--final-seeds", type=int, default=3, help="seeds per retrained recipe (run in parallel)")
+    p.add_argument("--resume", action="store_true", help="continue the sweep in OUT/NAME after a crash")
+    p.set_defaults(fn=cmd_search)
+
+    p = sub.add_parser("retrain", help="retrain a sweep's best recipe and the reference, several seeds")
+    p.add_argument("target", type=Path, help="a sweep folder")
+    p.add_argument("--final-steps", type=int, default=0, help="budget (default: the sweep's)")
+    p.add_argument("--final-seeds", type=int, default=0, help="seeds (default: the sweep's)")
+    p.set_defaults(fn=cmd_retrain)
 
     p = sub.add_parser("data", help="build byte-level shard folders")
     dsub = p.add_subparsers(dest="source", required=True)

@@ -38,3 +38,28 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def sweep_knobs() -> dict:
+    """Trainer knobs every test sweep fixes: the tiny model, minus what the spaces search."""
+    searched = ("iterations", "val_loss_every", "jepa_pure_frac", "ce_pure_frac")
+    return {k: v for k, v in TINY.items() if k not in searched}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for the search tests: started once; a test that needs a cluster shuts it
+    down, and the next test that needs the local one starts it again."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, log_to_driver=False, configure_logging=False, include_dashboard=False)
+    return ray
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import sys
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()

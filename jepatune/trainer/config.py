@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import tomllib
 import types
@@ -111,8 +112,9 @@ class TrainConfig:
     compile: bool = knob(False, "torch.compile the model")
 
     def __post_init__(self) -> None:
+        types_ = _field_types()
         for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), _field_types()[f.name])
+            _check_type(f.name, getattr(self, f.name), types_[f.name])
         _validate(self)
 
     # --- derived values, so no caller recomputes them differently ------------------------
@@ -184,8 +186,9 @@ def _validate(c: TrainConfig) -> None:
 
 # --- loading and overrides ------------------------------------------------------------------
 
+@functools.cache
 def _field_types() -> dict[str, Any]:
-    return typing.get_type_hints(TrainConfig)
+    return typing.get_type_hints(TrainConfig)  # slow (it evaluates string annotations): once is enough
 
 
 def _unknown_key(key: str) -> ConfigError:

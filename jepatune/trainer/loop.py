@@ -141,9 +141,9 @@ class Trainer:
     """The state of one training run. `train()` below is the usual entry point; the
     benchmarks drive `train_step` directly."""
 
-    def __init__(self, c: TrainConfig, report: Report | None, out_dir: Path | None,
-                 checkpoint_dir: Path | None, verbose: bool):
-        self.c, self.report_fn, self.verbose = c, report, verbose
+    def __init__(self, c: TrainConfig, report: Report | None = None, out_dir: Path | None = None,
+                 checkpoint_dir: Path | None = None, verbose: bool = False, final_score: bool = True):
+        self.c, self.report_fn, self.verbose, self.final_score = c, report, verbose, final_score
         self.out_dir, self.checkpoint_dir = out_dir, checkpoint_dir
         self.rt = setup_runtime(c)
         self.local_accum = c.grad_accum_steps // self.rt.world_size
@@ -292,7 +292,7 @@ class Trainer:
             "loss_reg": sums[3] if self.steps_since_eval else None,
             "w_jepa": w.jepa, "w_ce": w.ce, "w_reg": w.reg, "stage": w.stage,
             "lr_mult": getattr(self, "last_lr", 1.0), "progress": getattr(self, "last_progress", 0.0),
-            "swa_active": self.swa is not None,
+            "swa_active": self.swa is not None, "params": self.n_params,
         }
         self._reset_sums()
         return metrics
@@ -395,12 +395,17 @@ class Trainer:
 
     def finish(self) -> TrainResult:
         c = self.c
+        if not self.final_score:  # a search trial: its last evaluation is its score
+            last = self.history[-1]
+            summary = {"status": "completed", **{k: last[k] for k in ("step", "tokens", "elapsed_s", "val_bpb")},
+                       "params": self.n_params}
+            self.emit({**summary, "final": True})
+            return TrainResult("completed", self.step, summary, self.history)
         raw = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         raw_pre, raw_post, raw_bytes = self.score(raw)
         summary: dict[str, Any] = {"status": "completed", "step": self.step, "tokens": self.step * c.train_batch_tokens,
                                    "elapsed_s": round(self.train_time, 3), "params": self.n_params,
-                                   "raw_bpb": raw_pre, "raw_q_bpb": raw_post, "avg_bpb": None, "avg_q_bpb": None,
-                                   "swa_steps_averaged": None}
+                                   "raw_bpb": raw_pre, "raw_q_bpb": raw_post, "avg_bpb": None, "avg_q_bpb": None}
         final_state, pre, post, nbytes = raw, raw_pre, raw_post, raw_bytes
         if self.swa is not None:
             final_state = self.swa.averaged_state(self.model)
@@ -440,7 +445,7 @@ def _save_torch(path: Path, obj: Any) -> None:
 
 def train(config: TrainConfig, report: Report | None = None, *, out_dir: str | os.PathLike | None = None,
           checkpoint_dir: str | os.PathLike | None = None, resume_from: str | os.PathLike | None = None,
-          verbose: bool = False, on_start: Callable[[], None] | None = None) -> TrainResult:
+          verbose: bool = False, final_score: bool = True, on_start: Callable[[], None] | None = None) -> TrainResult:
     """Train one ByteJEPA model.
 
     report: called with a metrics dict at every evaluation point (step, tokens,
@@ -451,11 +456,14 @@ def train(config: TrainConfig, report: Report | None = None, *, out_dir: str | o
     checkpoint_dir: when set, a resumable checkpoint is written there at every
         evaluation point, before `report` is called (its path is in metrics["checkpoint"]).
     resume_from: a checkpoint file or folder to continue from.
+    final_score: score the final weights (raw and averaged, before and after the int8+zlib
+        round trip, on the full val split) and write the artifact. Search trials turn it
+        off: their score is the last evaluation.
     on_start: called once the data and config are checked and the output folder exists.
     """
     out = Path(out_dir).resolve() if out_dir is not None else None
     ckpt = Path(checkpoint_dir).resolve() if checkpoint_dir is not None else None
-    run = Trainer(config, report, out, ckpt, verbose)  # checks data and config before anything is written
+    run = Trainer(config, report, out, ckpt, verbose, final_score)  # checks data and config before writing
     for folder in (out, ckpt):
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,46 @@
+"""Column names and dtypes of every Parquet table: the one place they are declared.
+
+Hyperparameter columns of `trials` are the TrainConfig knobs a sweep searched; their
+dtypes follow the knob's type (float64, Int64, boolean, string).
+"""
+
+from __future__ import annotations
+
+TRIALS = {
+    "trial_id": "string", "status": "string", "is_reference": "boolean", "config_key": "string",
+    "best_val_bpb": "float64", "last_val_bpb": "float64", "step": "Int64", "trial_steps": "Int64",
+    "tokens": "Int64", "train_s": "float64", "device_s": "float64", "flops": "float64", "params": "Int64",
+    "node": "string", "error": "string", "reports": "Int64", "cached": "boolean", "restarts": "Int64",
+}
+CURVES = {
+    "trial_id": "string", "training_iteration": "Int64", "step": "Int64", "tokens": "Int64", "val_bpb": "float64",
+    "train_loss": "float64", "loss_ce": "float64", "loss_jepa": "float64", "loss_reg": "float64",
+    "w_jepa": "float64", "w_ce": "float64", "w_reg": "float64", "stage": "Int64", "lr_mult": "float64",
+    "elapsed_s": "float64", "time": "float64",
+}
+DECISIONS = {
+    "trial_id": "string", "rung": "Int64", "step": "Int64", "value": "float64", "cutoff": "float64",
+    "decision": "string", "time": "float64",
+}
+FINAL = {
+    "recipe": "string", "seed": "Int64", "steps": "Int64", "status": "string", "val_bpb": "float64",
+    "prequant_bpb": "float64", "raw_bpb": "float64", "raw_q_bpb": "float64", "avg_bpb": "float64",
+    "avg_q_bpb": "float64", "artifact_bytes": "Int64", "total_bytes": "Int64", "fits_cap": "boolean",
+    "elapsed_s": "float64", "config_key": "string",
+}
+TABLES = {"trials": TRIALS, "curves": CURVES, "decisions": DECISIONS, "final": FINAL}
+# Trial statuses: ran its whole budget / stopped by ASHA at a rung / non-finite loss / rejected by
+# a constraint before training / raised an error / still running when its driver stopped.
+STATUSES = ("completed", "pruned", "diverged", "infeasible", "errored", "incomplete")
+
+
+def knob_dtype(py_type: object) -> str:
+    """The pandas dtype of a TrainConfig knob's annotation."""
+    text = str(py_type)
+    if "bool" in text:
+        return "boolean"
+    if "float" in text:
+        return "float64"
+    if "int" in text and "tuple" not in text:
+        return "Int64"
+    return "string"

@@ -1,0 +1,219 @@
+"""Build the Parquet tables of a sweep from its experiment folder alone.
+
+Ray's trial folders (`result.json`: one JSON object per report; `error.txt` when a trial
+raised) are the source of truth, with the experiment snapshot for trial states. A crashed
+sweep still builds: trials running at the crash are `incomplete`, and folders that a
+restore orphaned are folded by recipe (`config_key`), so each recipe appears once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import typing
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from jepatune.analysis import schema
+from jepatune.atomic import atomic_path
+
+TABLES_DIR = "tables"
+# Ray names trial folders <trainable>_<trial id>_<index>_<tag>; the index counts from 1 in creation order.
+TRIAL_FOLDER = re.compile(r"_([0-9a-f]{8}|[0-9a-f]{5}_\d{5})_(\d+)_")
+FINAL_RUNS = "final/runs.jsonl"
+STATUS_RANK = {s: i for i, s in enumerate(("completed", "diverged", "infeasible", "pruned", "errored", "incomplete"))}
+
+
+def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), str(Path(path).resolve())
+
+
+def _read_text(fs: pafs.FileSystem, path: str) -> str | None:
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read().decode("utf-8", errors="replace")
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def _trial_states(fs: pafs.FileSystem, root: str) -> dict[str, tuple[str, int]]:
+    """trial_id -> (Ray status: TERMINATED, ERROR, RUNNING, ...; failures) from the newest snapshot."""
+    snaps = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root))
+                   if Path(i.path).name.startswith("experiment_state"))
+    if not snaps:
+        return {}
+    text = _read_text(fs, snaps[-1])
+    try:
+        data = json.loads(text or "{}")
+        states = {}
+        for trial_json, runtime_json in data.get("trial_data", []):
+            trial, runtime = json.loads(trial_json), json.loads(runtime_json)
+            states[trial["trial_id"]] = (trial["status"], int(runtime.get("num_failures", 0)))
+        return states
+    except (ValueError, KeyError, TypeError):
+        return {}
+
+
+def read_trials(experiment: str) -> list[dict[str, Any]]:
+    """One dict per trial folder: id, params, reports, error, Ray state."""
+    fs, root = _filesystem(experiment)
+    states = _trial_states(fs, root)
+    trials = []
+    for info in fs.get_file_info(pafs.FileSelector(root)):
+        if info.type != pafs.FileType.Directory:
+            continue
+        results = _read_text(fs, f"{info.path}/result.json")
+        params = _read_text(fs, f"{info.path}/params.json")
+        if params is None:
+            continue
+        reports = []
+        for line in (results or "").splitlines():
+            try:
+                reports.append(json.loads(line))
+            except ValueError:  # a line cut by a crash mid-write
+                continue
+        error = _read_text(fs, f"{info.path}/error.txt")
+        name = Path(info.path).name
+        match = TRIAL_FOLDER.search(name)
+        trial_id = reports[0]["trial_id"] if reports else (match.group(1) if match else name)
+        index = int(match.group(2)) if match else 10**9
+        trials.append({"trial_id": trial_id, "folder": name, "params": json.loads(params), "index": index,
+                       "reports": reports, "error": error, "state": states.get(trial_id, (None, 0))[0],
+                       "restarts": states.get(trial_id, (None, 0))[1]})
+    return sorted(trials, key=lambda t: (t["index"], t["folder"]))
+
+
+def trial_status(trial: dict[str, Any], trial_steps: int) -> str:
+    reports = [r for r in trial["reports"] if "val_bpb" in r]
+    last = reports[-1] if reports else {}
+    if last.get("status") in ("diverged", "infeasible"):
+        return last["status"]
+    if last.get("step", 0) >= trial_steps:
+        return "completed"
+    if trial["error"] and trial["state"] != "TERMINATED":
+        return "errored"
+    if trial["state"] == "TERMINATED" and reports:
+        return "pruned"
+    return "incomplete"
+
+
+def _last_error_line(text: str | None) -> str | None:
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    return lines[-1][:500] if lines else None
+
+
+def _typed(rows: list[dict[str, Any]], columns: dict[str, str]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=list(columns))
+    return frame.astype(columns)
+
+
+def build_trials(experiment: str, trial_steps: int, knobs: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The `trials` and `curves` tables of the Ray experiment at `experiment`."""
+    from jepatune.trainer.config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    knob_columns = {k: schema.knob_dtype(hints[k]) for k in knobs}
+    trial_rows, curve_rows = [], []
+    trials = read_trials(experiment)
+    for t in trials:
+        reports = [r for r in t["reports"] if "val_bpb" in r]
+        last = reports[-1] if reports else {}
+        values = [r["val_bpb"] for r in reports if r.get("status") not in ("diverged", "infeasible")]
+        row = {
+            "trial_id": t["trial_id"], "status": trial_status(t, trial_steps),
+            "is_reference": t["index"] == 1,  # the first trial is always the enqueued reference recipe
+            "config_key": last.get("config_key"), "best_val_bpb": min(values) if values else None,
+            "last_val_bpb": last.get("val_bpb"), "step": last.get("step"), "trial_steps": trial_steps,
+            "tokens": last.get("tokens"), "train_s": last.get("elapsed_s"), "device_s": last.get("device_s"),
+            "flops": last.get("flops"), "params": last.get("params"), "node": last.get("node") or last.get("hostname"),
+            "error": _last_error_line(t["error"]) if t["error"] else last.get("reason"), "reports": len(reports),
+            "cached": bool(last.get("cached", False)), "restarts": t["restarts"],
+        }
+        row.update({k: t["params"].get(k) for k in knobs})
+        trial_rows.append(row)
+        for r in reports:
+            curve = {k: r.get(k) for k in schema.CURVES}
+            curve["time"] = r.get("timestamp")
+            curve_rows.append(curve)
+    trials_df = _typed(trial_rows, {**schema.TRIALS, **knob_columns})
+    return fold_duplicates(trials_df), _typed(curve_rows, schema.CURVES)
+
+
+def fold_duplicates(trials: pd.DataFrame) -> pd.DataFrame:
+    """One row per recipe: a restore can leave an orphan folder and a re-run of the same
+    recipe (answered from the cache). Keep the most finished, non-cached row of each."""
+    if trials.empty:
+        return trials
+    order = trials.assign(_rank=trials["status"].map(STATUS_RANK), _cached=trials["cached"].astype(bool),
+                          _pos=range(len(trials)))
+    keyed = order[order["config_key"].notna()].sort_values(["_rank", "_cached", "_pos"])
+    keyed = keyed.drop_duplicates("config_key", keep="first")
+    kept = pd.concat([keyed, order[order["config_key"].isna()]]).sort_values("_pos")
+    return kept.drop(columns=["_rank", "_cached", "_pos"]).reset_index(drop=True)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
+def write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    """Atomically: a reader sees the previous table or the new one, never half of one."""
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp)
+
+
+def write_tables(folder: str | os.PathLike) -> dict[str, Path]:
+    """(Re)build every table of the sweep at `folder` from its files; return their paths."""
+    from jepatune.search.searcher import DECISIONS_NAME
+    from jepatune.search.sweep import SETTINGS_NAME, ray_experiment_path, read_settings
+
+    folder = Path(folder)
+    settings = read_settings(folder)
+    meta = json.loads((folder / SETTINGS_NAME).read_text())
+    knobs = _searched_knobs(folder, meta)
+    trials, curves = build_trials(ray_experiment_path(settings), settings.trial_steps, knobs)
+    decisions = _typed(read_jsonl(folder / DECISIONS_NAME), schema.DECISIONS)
+    final = _typed(read_jsonl(folder / FINAL_RUNS), schema.FINAL)
+    out = {}
+    for name, frame in (("trials", trials), ("curves", curves), ("decisions", decisions), ("final", final)):
+        out[name] = folder / TABLES_DIR / f"{name}.parquet"
+        write_parquet(frame, out[name])
+    return out
+
+
+def _searched_knobs(folder: Path, meta: dict[str, Any]) -> list[str]:
+    """The TrainConfig knobs that any trial's suggestion set (in first-seen order)."""
+    from jepatune.search.sweep import ray_experiment_path, read_settings
+    from jepatune.search.trainable import KNOBS
+
+    seen: dict[str, None] = {}
+    for t in read_trials(ray_experiment_path(read_settings(folder))):
+        for k in t["params"]:
+            if k in KNOBS:
+                seen.setdefault(k)
+    return list(seen)
+
+
+def load_tables(folder: str | os.PathLike) -> dict[str, pd.DataFrame]:
+    """The sweep's tables as DataFrames (built first when missing)."""
+    folder = Path(folder)
+    paths = {name: folder / TABLES_DIR / f"{name}.parquet" for name in schema.TABLES}
+    if not all(p.exists() for p in paths.values()):
+        paths = write_tables(folder)
+    return {name: pd.read_parquet(p) for name, p in paths.items()}

@@ -1,0 +1,267 @@
+"""`run_sweep`: Ray Tune + OptunaSearch (TPE) + ASHA over a named space.
+
+The experiment folder `OUT/NAME` holds Ray's own files (the source of truth), then
+`sweep.json` (settings, base recipe, versions), `decisions.jsonl` (every ASHA decision),
+`finished/` (a cache of finished trials, so none is trained twice), `tables/` (Parquet)
+and `best.toml`. With `storage` set (an s3:// URI or a shared folder), Ray writes its
+files there and the driver keeps its own files in `OUT/NAME`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jepatune.atomic import atomic_write_text
+from jepatune.errors import JepatuneError
+
+SETTINGS_NAME = "sweep.json"
+CACHE_DIR = "finished"
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """One sweep. Defaults suit a laptop; a cluster raises samples, steps and concurrency."""
+
+    data: str  # byte-shard folder, the same path on every node
+    out: str = "runs/sweep"
+    name: str = "sweep"
+    space: str = "curriculum"  # a named space or a TOML file
+    samples: int = 16  # trials, the reference recipe first
+    trial_steps: int = 200  # each trial's full budget in optimiser steps
+    grace_steps: int = 0  # first ASHA rung; 0 = trial_steps // 8
+    reduction_factor: int = 2
+    concurrency: int = 2  # trials at once (always set: see the Ray notes on custom searchers)
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0  # 0.5 packs two trials on one GPU
+    storage: str | None = None  # where Ray keeps trials: s3://bucket/path or a shared folder
+    preset: str | None = None  # a TrainConfig preset for every trial, e.g. "tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)  # fixed knobs for every trial
+    seed: int = 0  # the sampler's seed
+    startup_trials: int = 10  # random trials before TPE models the space
+    max_failures: int = 2  # restarts of a failed trial from its last checkpoint
+    final_steps: int = 0  # retrain budget; 0 = no retrain
+    final_seeds: int = 3
+
+    @property
+    def rungs(self) -> tuple[int, ...]:
+        from jepatune.search.trainable import rung_steps
+
+        return rung_steps(self.trial_steps, self.grace_steps or max(1, self.trial_steps // 8), self.reduction_factor)
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.out).resolve() / self.name
+
+    def validate(self) -> None:
+        for key in ("samples", "trial_steps", "concurrency", "final_seeds"):
+            if getattr(self, key) < 1:
+                raise JepatuneError(f"--{key.replace('_', '-')}={getattr(self, key)}: must be at least 1")
+        if self.reduction_factor < 2:
+            raise JepatuneError(f"--reduction-factor={self.reduction_factor}: must be at least 2")
+        if self.grace_steps < 0 or self.grace_steps > self.trial_steps:
+            raise JepatuneError(f"--grace-steps={self.grace_steps}: must be in [1, trial_steps]")
+        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
+            raise JepatuneError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+        if self.storage is not None and "://" in self.storage and not self.storage.split("://")[0].isalnum():
+            raise JepatuneError(f"--storage {self.storage!r}: not a URI; use s3://bucket/path or a folder")
+
+
+def base_config(settings: SweepSettings):
+    """The recipe every trial starts from: the reference, a preset, the fixed knobs, the data."""
+    from jepatune.errors import ConfigError
+    from jepatune.trainer.config import PRESETS, load_config
+
+    overrides: dict[str, Any] = {}
+    if settings.preset is not None:
+        if settings.preset not in PRESETS:
+            raise ConfigError(f"preset {settings.preset!r} is unknown; choose one of {', '.join(sorted(PRESETS))}")
+        overrides.update(PRESETS[settings.preset])
+    overrides.update(settings.overrides)
+    overrides["data_path"] = str(Path(settings.data).resolve())
+    return load_config(None, overrides)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _versions() -> dict[str, str]:
+    import optuna
+    import ray
+    import torch
+
+    import jepatune
+
+    return {"jepatune": jepatune.__version__, "ray": ray.__version__, "optuna": optuna.__version__,
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def write_metadata(settings: SweepSettings, config, space) -> None:
+    meta = {"settings": dataclasses.asdict(settings), "base": config.to_dict(), "space": space.name,
+            "space_params": list(space.params), "rungs": list(settings.rungs), "versions": _versions(),
+            "git_commit": _git_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    atomic_write_text(settings.folder / SETTINGS_NAME, json.dumps(meta, indent=1, default=str) + "\n")
+
+
+def read_settings(folder: str | os.PathLike) -> SweepSettings:
+    path = Path(folder) / SETTINGS_NAME
+    if not path.is_file():
+        raise JepatuneError(f"{folder} is not a jepatune sweep (no {SETTINGS_NAME}); give the folder `search` made")
+    return SweepSettings(**json.loads(path.read_text())["settings"])
+
+
+def ray_experiment_path(settings: SweepSettings) -> str:
+    if settings.storage is None:
+        return str(settings.folder)
+    return settings.storage.rstrip("/") + "/" + settings.name
+
+
+def _ensure_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        # Joins a cluster when RAY_ADDRESS is set (ray submit / ray job submit), else starts a local one.
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False, configure_logging=False)
+
+
+def _build_tuner(settings: SweepSettings, config, space, restore: bool):
+    import optuna
+    from ray import tune
+
+    from jepatune.search.progress import TrialLines
+    from jepatune.search.searcher import DECISIONS_NAME, RecordingASHA, RungAwareOptunaSearch
+    from jepatune.search.trainable import METRIC, TIME_ATTR, run_trial, trial_resources
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=config.to_dict(), trial_steps=settings.trial_steps,
+                             rungs=settings.rungs, cache_dir=str(settings.folder / CACHE_DIR)),
+        trial_resources(settings.cpus_per_trial, settings.gpus_per_trial))
+    path = ray_experiment_path(settings)
+    if restore:
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    # Ray's own console tables are off (verbose=0); TrialLines prints one line per trial.
+    sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=settings.startup_trials,
+                                         multivariate=True)  # reads the constraints the space sets
+    searcher = RungAwareOptunaSearch(space=space.sample, metric=METRIC, mode="min", sampler=sampler,
+                                     points_to_evaluate=[space.reference_point()],
+                                     trial_steps=settings.trial_steps)
+    scheduler = RecordingASHA(time_attr=TIME_ATTR, max_t=settings.trial_steps,
+                              grace_period=settings.rungs[0], reduction_factor=settings.reduction_factor,
+                              decisions_path=str(settings.folder / DECISIONS_NAME))
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(metric=METRIC, mode="min", search_alg=searcher, scheduler=scheduler,
+                                    num_samples=settings.samples, max_concurrent_trials=settings.concurrency,
+                                    reuse_actors=True),
+        run_config=tune.RunConfig(name=settings.name, storage_path=str(Path(path).parent)
+                                  if settings.storage is None else settings.storage.rstrip("/"),
+                                  failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=0,
+                                  callbacks=[TrialLines(settings.samples, settings.trial_steps)]),
+    )
+
+
+def run_sweep(settings: SweepSettings, *, resume: bool = False):
+    """Run (or resume) a sweep, then write its tables. Returns Ray's ResultGrid."""
+    from jepatune.spaces import get_space
+    from jepatune.trainer.data import find_shards, load_val_tokens
+
+    settings.validate()
+    if resume:
+        settings = read_settings(settings.folder)
+    config = base_config(settings)
+    from jepatune.trainer.loop import trainer_code_bytes
+
+    space = get_space(settings.space, base=config, code_bytes=trainer_code_bytes())
+    find_shards(config.data_path, "train")
+    load_val_tokens(config.data_path, config.train_seq_len, config.val_tokens)  # checks the val split
+    folder = settings.folder
+    if not resume and (folder / SETTINGS_NAME).exists():
+        raise JepatuneError(f"{folder} already holds a sweep; resume it with --resume or choose another --name/--out")
+    folder.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        write_metadata(settings, config, space)
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    # A checkpoint at every rung with num_to_keep=1 forces an experiment snapshot each time, which
+    # is what a crash-safe resume wants; Ray warns about it at every snapshot, so say it once here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    _ensure_ray()
+    tuner = _build_tuner(settings, config, space, restore=resume)
+    grid = tuner.fit()
+    from jepatune.analysis.tables import write_tables
+
+    write_tables(folder)
+    return grid
+
+
+def finalize(folder: str | os.PathLike, *, final_steps: int = 0, final_seeds: int = 0, log=print):
+    """Retrain the sweep's best recipe and the reference at full budget, then rebuild the tables.
+    Returns the final table summarised per recipe."""
+    from jepatune.analysis.tables import load_tables, write_tables
+    from jepatune.search.retrain import best_trial, recipe_config, retrain, summarize_final, write_best
+    from jepatune.search.trainable import KNOBS
+
+    folder = Path(folder).resolve()
+    settings = read_settings(folder)
+    write_tables(folder)
+    trials = load_tables(folder)["trials"]
+    best = best_trial(trials)
+    base = base_config(settings)
+    steps = final_steps or settings.final_steps or settings.trial_steps
+    knobs = {k: best[k] for k in trials.columns if k in KNOBS}
+    runs = {"best": recipe_config(base, knobs, steps), "reference": recipe_config(base, {}, steps)}
+    path = write_best(folder, runs["best"])
+    log(f"best trial {best['trial_id']}: val_bpb {best['last_val_bpb']:.4f} at {settings.trial_steps} steps; "
+        f"recipe in {path}")
+    seeds = final_seeds or settings.final_seeds
+    log(f"retraining best and reference at {steps} steps, {seeds} seeds each")
+    _ensure_ray()
+    retrain(folder, runs, seeds, settings.cpus_per_trial, settings.gpus_per_trial, log=log)
+    write_tables(folder)
+    return summarize_final(load_tables(folder)["final"])
+
+
+def leaderboard(folder: str | os.PathLike, k: int = 5) -> str:
+    """The top trials and the final retrain, as text for the terminal."""
+    from jepatune.analysis.tables import load_tables
+    from jepatune.search.retrain import summarize_final
+    from jepatune.search.trainable import KNOBS
+
+    tables = load_tables(folder)
+    trials = tables["trials"]
+    knobs = [c for c in trials.columns if c in KNOBS]
+    counts = trials["status"].value_counts().to_dict()
+    done = trials[trials["status"] == "completed"].sort_values("last_val_bpb").head(k)
+    with_pd_options = done[["trial_id", "last_val_bpb", *knobs]].rename(columns={"last_val_bpb": "val_bpb"})
+    lines = [f"{len(trials)} trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())),
+             "top trials (full budget):", with_pd_options.to_string(index=False, float_format=lambda v: f"{v:.4g}")]
+    final = summarize_final(tables["final"])
+    if not final.empty:
+        lines += ["final retrain (val_bpb after the int8+zlib round trip, full val split):",
+                  final.to_string(index=False, float_format=lambda v: f"{v:.4f}")]
+    return "\n".join(lines)
+
+
+def load_study(folder: str | os.PathLike):
+    """The Optuna study behind a sweep, from the searcher state Ray saved (trusted folders only:
+    it is a pickle)."""
+    import pickle
+
+    snaps = sorted(Path(ray_experiment_path(read_settings(folder))).glob("searcher-state-*.pkl"))
+    if not snaps:
+        raise JepatuneError(f"{folder}: no searcher state saved yet")
+    with open(snaps[-1], "rb") as f:
+        return pickle.load(f)["_ot_study"]

@@ -1,0 +1,100 @@
+"""A real sweep with a local Ray: ASHA, OptunaSearch, the tables, the retrain."""
+
+import math
+
+import optuna
+import pandas as pd
+import pytest
+
+from jepatune.analysis import schema
+from jepatune.analysis.tables import load_tables, write_tables
+from jepatune.search.sweep import SweepSettings, finalize, load_study, run_sweep
+from jepatune.trainer.config import TrainConfig, load_config
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, demo_data, sweep_knobs, local_ray):
+    """One 8-trial sweep of the tiny model with a 2-seed retrain, shared by the tests below."""
+    out = tmp_path_factory.mktemp("sweep")
+    settings = SweepSettings(data=str(demo_data), out=str(out), samples=8, trial_steps=16, concurrency=2,
+                             overrides=sweep_knobs, startup_trials=4, final_steps=16, final_seeds=2)
+    run_sweep(settings)
+    summary = finalize(settings.folder)
+    return settings, load_tables(settings.folder), summary
+
+
+def test_reference_recipe_is_the_first_trial(sweep):
+    _, tables, _ = sweep
+    trials = tables["trials"]
+    first = trials.iloc[0]
+    assert first["is_reference"] and trials["is_reference"].sum() == 1
+    ref = TrainConfig()
+    assert first["jepa_pure_frac"] == pytest.approx(ref.jepa_pure_frac)
+    assert first["ce_pure_frac"] == pytest.approx(ref.ce_pure_frac)
+    assert first["sigreg_weight"] == pytest.approx(ref.sigreg_weight)
+
+
+def test_asha_stops_trials_and_the_searcher_proposes_new_configs(sweep):
+    settings, tables, _ = sweep
+    trials, decisions = tables["trials"], tables["decisions"]
+    assert len(trials) == settings.samples
+    assert trials["config_key"].nunique() == len(trials)  # every trial a different recipe
+    assert (trials["status"] == "pruned").sum() >= 2 and (trials["status"] == "completed").sum() >= 2
+    pruned = trials[trials["status"] == "pruned"]
+    assert (pruned["step"] < settings.trial_steps).all()
+    # Every decision is ASHA's rule: stop exactly when the value is worse than the rung's cut-off.
+    assert set(decisions["rung"]) <= set(settings.rungs)
+    for row in decisions.itertuples():
+        worse = not pd.isna(row.cutoff) and row.value > row.cutoff
+        assert (row.decision == "stop") == worse, row
+    assert set(decisions.loc[decisions["decision"] == "stop", "trial_id"]) == set(pruned["trial_id"])
+
+
+def test_optuna_is_told_pruned_not_complete(sweep):
+    settings, tables, _ = sweep
+    trials = tables["trials"].set_index("trial_id")
+    study = load_study(settings.folder)
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.PRUNED) == (trials["status"] == "pruned").sum()
+    assert states.count(optuna.trial.TrialState.COMPLETE) == (trials["status"] == "completed").sum()
+    completed = sorted(trials.loc[trials["status"] == "completed", "last_val_bpb"])
+    assert sorted(t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE) == \
+        pytest.approx(completed)
+    for t in study.trials:
+        if t.state == optuna.trial.TrialState.PRUNED:
+            # Optuna keeps the last rung value of a pruned trial, marked PRUNED: TPE ranks it below
+            # every trial that finished, instead of mistaking it for a final value.
+            last_step = max(t.intermediate_values)
+            assert last_step < settings.trial_steps  # keyed by step, not by report count
+            assert t.value == t.intermediate_values[last_step]
+
+
+def test_tables_have_the_documented_dtypes_and_round_trip(sweep, tmp_path):
+    settings, tables, _ = sweep
+    for name, columns in schema.TABLES.items():
+        frame = tables[name]
+        for column, dtype in columns.items():
+            assert str(frame[column].dtype) == dtype, (name, column)
+    assert str(tables["trials"]["jepa_pure_frac"].dtype) == "float64"
+    assert str(tables["trials"]["swa_enabled"].dtype) == "boolean"
+    # rebuilt from the experiment folder alone, they are the same
+    paths = write_tables(settings.folder)
+    for name, path in paths.items():
+        pd.testing.assert_frame_equal(pd.read_parquet(path), tables[name])
+    curves = tables["curves"]
+    assert set(curves["trial_id"]) == set(tables["trials"]["trial_id"])
+    assert not curves["val_bpb"].isna().any()
+
+
+def test_retrain_compares_best_and_reference_at_equal_budget(sweep):
+    settings, tables, summary = sweep
+    final = tables["final"]
+    assert sorted(zip(final["recipe"], final["seed"], strict=True)) == \
+        [("best", 0), ("best", 1), ("reference", 0), ("reference", 1)]
+    assert (final["steps"] == 16).all() and final["fits_cap"].all()
+    assert all(math.isfinite(v) for v in final["val_bpb"])
+    assert set(summary["recipe"]) == {"best", "reference"} and (summary["count"] == 2).all()
+    best = load_config(settings.folder / "best.toml")
+    winner = tables["trials"].query("status == 'completed'").sort_values("last_val_bpb").iloc[0]
+    assert best.jepa_pure_frac == pytest.approx(winner["jepa_pure_frac"])
+    assert best.model_dim == 32  # the fixed knobs travel with the recipe
