@@ -132,7 +132,8 @@ def _sweep_settings(args: argparse.Namespace):
         samples=args.samples, trial_steps=args.trial_steps, grace_steps=args.grace_steps,
         reduction_factor=args.reduction_factor, concurrency=args.concurrency, cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial, storage=args.storage, preset=args.preset,
-        overrides=parse_set_args(args.overrides), seed=args.seed, max_failures=args.max_failures,
+        overrides=parse_set_args(args.overrides), seed=args.seed, startup_trials=args.startup_trials,
+        max_failures=args.max_failures,
         final_steps=args.final_steps, final_seeds=args.final_seeds)
 
 
@@ -154,31 +155,61 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    from jepatune.search.sweep import finalize, leaderboard
+    from jepatune.search.sweep import _ensure_ray, finalize, leaderboard
 
-    folder = args.target.resolve()
-    if not folder.is_dir():
-        raise JepatuneError(f"{folder} is not a sweep folder; give the folder `jepatune search` made")
-    finalize(folder, final_steps=args.final_steps, final_seeds=args.final_seeds)
-    print(leaderboard(folder))
+    target = args.target.resolve()
+    if target.is_file():  # a recipe: it and the reference beside it
+        from jepatune.search.retrain import retrain_recipe
+        from jepatune.trainer.config import load_config
+
+        overrides = {"data_path": str(args.data.resolve())} if args.data else {}
+        if args.final_steps:
+            overrides["iterations"] = args.final_steps
+        config = load_config(target, overrides)
+        out = _prepare_out(args.out)
+        from jepatune.trainer.data import find_shards
+
+        find_shards(config.data_path, "train")
+        out.mkdir(parents=True, exist_ok=True)
+        _ensure_ray()
+        print(retrain_recipe(config, out, args.final_seeds or 3).to_string(index=False))
+        print(f"runs and tables in {out}")
+        return 0
+    if not target.is_dir():
+        raise JepatuneError(f"{target} does not exist; give a sweep folder or a TOML recipe")
+    finalize(target, final_steps=args.final_steps, final_seeds=args.final_seeds)
+    print(leaderboard(target))
     return 0
 
 
 # --- demo -----------------------------------------------------------------------------------
 
+DEMO_SWEEP = dict(name="sweep", space="curriculum", samples=12, trial_steps=120, concurrency=2, preset="demo",
+                  startup_trials=6, final_steps=300, final_seeds=2)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    """The whole pipeline on CPU in a few minutes: corpus, sweep, retrain, tables, leaderboard."""
+    from jepatune.search.sweep import SweepSettings, finalize, leaderboard, run_sweep
     from jepatune.trainer import corpora
-    from jepatune.trainer.config import PRESETS, load_config
 
     out = _prepare_out(args.out)
-    data = out / "data"
+    settings = SweepSettings(data=str(out / "data"), out=str(out), **DEMO_SWEEP)
+    if (settings.folder / "sweep.json").exists():
+        raise JepatuneError(f"{settings.folder} already holds a demo sweep; use another --out or delete it")
     t0 = time.perf_counter()
-    info = corpora.build_demo(data)
-    print(f"demo corpus: {data} ({info['train_bytes']:,} train / {info['val_bytes']:,} val bytes)")
-    config = load_config(None, {**PRESETS["tiny"], "data_path": str(data)})
-    code = _run_training(config, out / "train")
+    info = corpora.build_demo(settings.data)
+    print(f"demo corpus: {settings.data} ({info['train_bytes']:,} train / {info['val_bytes']:,} val bytes)")
+    print(f"sweep: {settings.samples} trials of the '{settings.preset}' model, {settings.trial_steps} steps each, "
+          f"ASHA rungs at {list(settings.rungs)}, {settings.concurrency} at a time")
+    run_sweep(settings)
+    print(f"sweep done in {time.perf_counter() - t0:.0f}s")
+    finalize(settings.folder)
+    print(leaderboard(settings.folder))
+    print(f"experiment folder: {settings.folder}\n  tables: {settings.folder / 'tables'}/"
+          f"{{trials,curves,decisions,final}}.parquet\n  best recipe: {settings.folder / 'best.toml'}")
     print(f"demo finished in {time.perf_counter() - t0:.0f}s")
-    return code
+    return 0
 
 
 # --- entry point ----------------------------------------------------------------------------
@@ -187,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jepatune", description=__doc__.splitlines()[0].strip("`"))
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="build the demo corpus and train a tiny ByteJEPA on CPU")
+    p = sub.add_parser("demo", help="the whole pipeline on CPU: demo corpus, a 12-trial sweep, retrain, tables")
     p.add_argument("--out", type=Path, default=Path(DEMO_OUT))
     p.set_defaults(fn=cmd_demo)
 
@@ -215,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-steps", type=int, default=0, help="first ASHA rung in steps (0 = trial-steps / 8)")
     p.add_argument("--reduction-factor", type=int, default=2, help="ASHA keeps 1 / this at each rung")
     p.add_argument("--seed", type=int, default=0, help="the sampler's seed")
+    p.add_argument("--startup-trials", type=int, default=10, help="random trials before TPE models the space")
     p.add_argument("--max-failures", type=int, default=2, help="restarts of a failed trial from its checkpoint")
     p.add_argument("--final-steps", type=int, default=0, help="retrain the best and the reference at this budget")
     p.add_argument("--final-seeds", type=int, default=3, help="seeds per retrained recipe (run in parallel)")
@@ -222,9 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_search)
 
     p = sub.add_parser("retrain", help="retrain a sweep's best recipe and the reference, several seeds")
-    p.add_argument("target", type=Path, help="a sweep folder")
-    p.add_argument("--final-steps", type=int, default=0, help="budget (default: the sweep's)")
-    p.add_argument("--final-seeds", type=int, default=0, help="seeds (default: the sweep's)")
+    p.add_argument("target", type=Path, help="a sweep folder, or a TOML recipe (e.g. a sweep's best.toml)")
+    p.add_argument("--final-steps", type=int, default=0, help="budget (default: the sweep's, or the recipe's)")
+    p.add_argument("--final-seeds", type=int, default=0, help="seeds (default: the sweep's, or 3)")
+    p.add_argument("--data", type=Path, help="for a recipe: its byte-shard folder (default: the recipe's)")
+    p.add_argument("--out", type=Path, default=Path("runs/retrain"), help="for a recipe: the output folder")
     p.set_defaults(fn=cmd_retrain)
 
     p = sub.add_parser("data", help="build byte-level shard folders")

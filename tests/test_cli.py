@@ -330,3 +330,32 @@ def test_help_config_lists_every_knob(capsys):
         assert name in text
     listed = [line.split()[0] for line in text.splitlines() if line.strip()]
     assert listed == [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+# --- search and retrain: bad input stops before Ray starts ------------------------------------
+
+
+@pytest.mark.parametrize("name", ["unknown-space", "no-data", "bad-set", "zero-samples", "resume-nothing",
+                                  "bad-storage", "bad-space-file"])
+def test_search_bad_input_is_one_line_and_writes_nothing(name, demo_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    space_file = tmp_path / "space.toml"
+    space_file.write_text("[params.jepa_pure_frac]\nlow = 0.5\nhigh = 0.1\n")
+    base = ["search", "--data", str(demo_data), "--out", str(out)]
+    argv, fragments = {
+        "unknown-space": (base + ["--space", "curiculum"], ["curiculum"]),
+        "no-data": (["search", "--out", str(out)], ["--data"]),
+        "bad-set": (base + ["--set", "modl_dim=3"], ["model_dim"]),
+        "zero-samples": (base + ["--samples", "0"], ["--samples"]),
+        "resume-nothing": (["search", "--resume", "--out", str(out), "--name", "x"], ["not a jepatune sweep"]),
+        "bad-storage": (base + ["--storage", "s3:/bucket"], ["--storage"]),
+        "bad-space-file": (base + ["--space", str(space_file)], ["jepa_pure_frac"]),
+    }[name]
+    code = main(argv)
+    assert_one_error_line(capsys, code, *fragments)
+    assert not out.exists()
+
+
+def test_retrain_of_a_folder_that_is_not_a_sweep(tmp_path, capsys):
+    code = main(["retrain", str(tmp_path)])
+    assert_one_error_line(capsys, code, "not a jepatune sweep")

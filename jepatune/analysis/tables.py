@@ -4,6 +4,10 @@ Ray's trial folders (`result.json`: one JSON object per report; `error.txt` when
 raised) are the source of truth, with the experiment snapshot for trial states. A crashed
 sweep still builds: trials running at the crash are `incomplete`, and folders that a
 restore orphaned are folded by recipe (`config_key`), so each recipe appears once.
+
+A trial that restarts (after a failure, or a resumed driver) appends to its `result.json`, so a
+step can be reported twice: redone from an older checkpoint, or replayed from the finished-trial
+cache. Reports are de-duplicated by step, the last one kept (its run produced the result).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 import os
 import re
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,21 +50,26 @@ def _read_text(fs: pafs.FileSystem, path: str) -> str | None:
 
 
 def _trial_states(fs: pafs.FileSystem, root: str) -> dict[str, tuple[str, int]]:
-    """trial_id -> (Ray status: TERMINATED, ERROR, RUNNING, ...; failures) from the newest snapshot."""
+    """trial_id -> (Ray status: TERMINATED, ERROR, RUNNING, ...; failures) from the newest snapshot.
+
+    Each driver session writes its own `experiment_state-<start time>.json` and a resumed one
+    lists every trial, so the newest holds the latest word; Ray copies it in place
+    (not atomically), so one cut by a crash mid-copy falls back to the one before."""
     snaps = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root))
                    if Path(i.path).name.startswith("experiment_state"))
-    if not snaps:
-        return {}
-    text = _read_text(fs, snaps[-1])
-    try:
-        data = json.loads(text or "{}")
-        states = {}
-        for trial_json, runtime_json in data.get("trial_data", []):
-            trial, runtime = json.loads(trial_json), json.loads(runtime_json)
-            states[trial["trial_id"]] = (trial["status"], int(runtime.get("num_failures", 0)))
-        return states
-    except (ValueError, KeyError, TypeError):
-        return {}
+    for snap in reversed(snaps):
+        try:
+            states = {}
+            for trial_json, runtime_json in json.loads(_read_text(fs, snap) or "")["trial_data"]:
+                trial, runtime = json.loads(trial_json), json.loads(runtime_json)
+                failures = int(runtime.get("num_failures", 0))
+                # A trial that ended in ERROR failed once more than it was restarted.
+                restarts = failures - 1 if trial["status"] == "ERROR" and failures else failures
+                states[trial["trial_id"]] = (trial["status"], restarts)
+            return states
+        except (ValueError, KeyError, TypeError):
+            continue
+    return {}
 
 
 def read_trials(experiment: str) -> list[dict[str, Any]]:
@@ -91,8 +101,18 @@ def read_trials(experiment: str) -> list[dict[str, Any]]:
     return sorted(trials, key=lambda t: (t["index"], t["folder"]))
 
 
+def metric_reports(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The reports that carry the metric, one per step (the last), in the order they were made."""
+    by_step: dict[Any, dict[str, Any]] = {}
+    for r in reports:
+        if "val_bpb" in r:
+            by_step.pop(r.get("step"), None)  # re-insert: the order follows the kept report
+            by_step[r.get("step")] = r
+    return list(by_step.values())
+
+
 def trial_status(trial: dict[str, Any], trial_steps: int) -> str:
-    reports = [r for r in trial["reports"] if "val_bpb" in r]
+    reports = metric_reports(trial["reports"])
     last = reports[-1] if reports else {}
     if last.get("status") in ("diverged", "infeasible"):
         return last["status"]
@@ -115,8 +135,10 @@ def _typed(rows: list[dict[str, Any]], columns: dict[str, str]) -> pd.DataFrame:
     return frame.astype(columns)
 
 
-def build_trials(experiment: str, trial_steps: int, knobs: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The `trials` and `curves` tables of the Ray experiment at `experiment`."""
+def build_trials(experiment: str, trial_steps: int, knobs: list[str],
+                 key_of: Callable[[dict[str, Any]], str | None] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The `trials` and `curves` tables of the Ray experiment at `experiment`. `key_of` maps a
+    trial's params to its `config_key`, for folders with no report (orphaned before reporting)."""
     from jepatune.trainer.config import TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
@@ -124,18 +146,20 @@ def build_trials(experiment: str, trial_steps: int, knobs: list[str]) -> tuple[p
     trial_rows, curve_rows = [], []
     trials = read_trials(experiment)
     for t in trials:
-        reports = [r for r in t["reports"] if "val_bpb" in r]
+        reports = metric_reports(t["reports"])
         last = reports[-1] if reports else {}
         values = [r["val_bpb"] for r in reports if r.get("status") not in ("diverged", "infeasible")]
+        key = last.get("config_key") or (key_of(t["params"]) if key_of is not None else None)
         row = {
             "trial_id": t["trial_id"], "status": trial_status(t, trial_steps),
             "is_reference": t["index"] == 1,  # the first trial is always the enqueued reference recipe
-            "config_key": last.get("config_key"), "best_val_bpb": min(values) if values else None,
+            "config_key": key, "best_val_bpb": min(values) if values else None,
             "last_val_bpb": last.get("val_bpb"), "step": last.get("step"), "trial_steps": trial_steps,
             "tokens": last.get("tokens"), "train_s": last.get("elapsed_s"), "device_s": last.get("device_s"),
             "flops": last.get("flops"), "params": last.get("params"), "node": last.get("node") or last.get("hostname"),
             "error": _last_error_line(t["error"]) if t["error"] else last.get("reason"), "reports": len(reports),
-            "cached": bool(last.get("cached", False)), "restarts": t["restarts"],
+            # answered from the finished-trial cache without training here (not: trained, then replayed)
+            "cached": bool(reports) and all(r.get("cached", False) for r in reports), "restarts": t["restarts"],
         }
         row.update({k: t["params"].get(k) for k in knobs})
         trial_rows.append(row)
@@ -143,8 +167,10 @@ def build_trials(experiment: str, trial_steps: int, knobs: list[str]) -> tuple[p
             curve = {k: r.get(k) for k in schema.CURVES}
             curve["time"] = r.get("timestamp")
             curve_rows.append(curve)
-    trials_df = _typed(trial_rows, {**schema.TRIALS, **knob_columns})
-    return fold_duplicates(trials_df), _typed(curve_rows, schema.CURVES)
+    trials_df = fold_duplicates(_typed(trial_rows, {**schema.TRIALS, **knob_columns}))
+    curves_df = _typed(curve_rows, schema.CURVES)
+    kept = curves_df["trial_id"].isin(set(trials_df["trial_id"]))  # not the folded-away duplicates
+    return trials_df, curves_df[kept].reset_index(drop=True)
 
 
 def fold_duplicates(trials: pd.DataFrame) -> pd.DataFrame:
@@ -187,7 +213,8 @@ def write_tables(folder: str | os.PathLike) -> dict[str, Path]:
     settings = read_settings(folder)
     meta = json.loads((folder / SETTINGS_NAME).read_text())
     knobs = _searched_knobs(folder, meta)
-    trials, curves = build_trials(ray_experiment_path(settings), settings.trial_steps, knobs)
+    trials, curves = build_trials(ray_experiment_path(settings), settings.trial_steps, knobs,
+                                  key_of=_key_function(meta, settings.trial_steps))
     decisions = _typed(read_jsonl(folder / DECISIONS_NAME), schema.DECISIONS)
     final = _typed(read_jsonl(folder / FINAL_RUNS), schema.FINAL)
     out = {}
@@ -195,6 +222,19 @@ def write_tables(folder: str | os.PathLike) -> dict[str, Path]:
         out[name] = folder / TABLES_DIR / f"{name}.parquet"
         write_parquet(frame, out[name])
     return out
+
+
+def _key_function(meta: dict[str, Any], trial_steps: int) -> Callable[[dict[str, Any]], str | None]:
+    """params -> the `config_key` the trainable computes, from the base recipe the sweep recorded."""
+    from jepatune.search.trainable import config_key, trial_config
+
+    def key_of(params: dict[str, Any]) -> str | None:
+        try:
+            return config_key(trial_config(meta["base"], params, trial_steps, tuple(meta["rungs"])))
+        except Exception:  # an unreadable recipe: left unfolded rather than failing the tables
+            return None
+
+    return key_of
 
 
 def _searched_knobs(folder: Path, meta: dict[str, Any]) -> list[str]:

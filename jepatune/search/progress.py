@@ -14,11 +14,18 @@ from jepatune.search.trainable import METRIC, TIME_ATTR
 class TrialLines(Callback):
     def __init__(self, total: int, trial_steps: int):
         self.total, self.trial_steps = total, trial_steps
-        self.done, self.best = 0, math.inf
         self.t0 = time.perf_counter()
 
-    def _line(self, trial, result: dict | None, error: str | None = None) -> None:
-        self.done += 1
+    def setup(self, **info) -> None:
+        # A resumed sweep unpickles this callback from the first run: restart its clock here.
+        self.t0 = time.perf_counter()
+
+    def _line(self, trial, trials: list, result: dict | None, error: str | None = None) -> None:
+        # From Ray's trial list, which after a resume includes the trials finished before it.
+        finished = [t for t in trials if t is trial or t.status in (t.TERMINATED, t.ERROR)]
+        values = [(t.last_result or {}).get(METRIC) for t in finished
+                  if (t.last_result or {}).get("status") == "completed" and not (t is trial and error is not None)]
+        best = min((v for v in values if isinstance(v, float)), default=math.inf)
         result = result or {}
         value, step = result.get(METRIC), result.get(TIME_ATTR, 0)
         status = result.get("status", "?")
@@ -27,15 +34,13 @@ class TrialLines(Callback):
         elif status == "running" or (status != "completed" and step < self.trial_steps and status not in
                                      ("diverged", "infeasible")):
             status = f"pruned at step {step}"
-        if status == "completed" and value is not None:
-            self.best = min(self.best, value)
         shown = f"val_bpb {value:.4f}" if isinstance(value, float) else (error or "")[:80]
-        best = f"best {self.best:.4f}" if math.isfinite(self.best) else "no trial finished yet"
-        print(f"[{time.perf_counter() - self.t0:6.0f}s] trial {self.done}/{self.total} {trial.trial_id}: {status}, "
-              f"{shown} | {best}", file=sys.stderr, flush=True)
+        shown_best = f"best {best:.4f}" if math.isfinite(best) else "no trial finished yet"
+        print(f"[{time.perf_counter() - self.t0:6.0f}s] trial {len(finished)}/{self.total} {trial.trial_id}: {status}, "
+              f"{shown} | {shown_best}", file=sys.stderr, flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._line(trial, trial.last_result)
+        self._line(trial, trials, trial.last_result)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._line(trial, trial.last_result, error=str(getattr(trial, "error_file", "") or "error"))
+        self._line(trial, trials, trial.last_result, error=str(getattr(trial, "error_file", "") or "error"))

@@ -10,6 +10,7 @@ Ray Train's `TorchTrainer` (DDP) instead.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from jepatune.atomic import atomic_write_text
-from jepatune.errors import JepatuneError
+from jepatune.errors import ConfigError, JepatuneError
 from jepatune.trainer.config import TrainConfig
 
 FINAL_DIR = "final"
@@ -45,6 +46,30 @@ def write_best(folder: Path, config: TrainConfig) -> Path:
     path = folder / BEST_NAME
     atomic_write_text(path, "# The best recipe of this sweep: jepatune train --config best.toml\n" + config.to_toml())
     return path
+
+
+# The knobs that make a ByteJEPA recipe rather than a model or a budget: resetting them to the
+# TrainConfig defaults turns any config into the reference recipe at the same shape and budget.
+RECIPE_KNOBS = ("jepa_pure_frac", "ce_pure_frac", "jepa_weight", "regularizer", "sigreg_weight", "swa_enabled",
+                "swa_start_frac", "swa_decay")
+
+
+def reference_of(config: TrainConfig) -> TrainConfig:
+    defaults = TrainConfig()
+    return config.replace(**{k: getattr(defaults, k) for k in RECIPE_KNOBS})
+
+
+def retrain_recipe(config: TrainConfig, out: Path, seeds: int, cpus: float = 1.0, gpus: float = 0.0,
+                   log=print) -> pd.DataFrame:
+    """`jepatune retrain CONFIG`: the config and its reference (same shape, data and budget), `seeds`
+    seeds each in parallel; rows in OUT/final/runs.jsonl and OUT/tables/final.parquet."""
+    from jepatune.analysis import schema
+    from jepatune.analysis.tables import TABLES_DIR, write_parquet
+
+    frame = retrain(out, {"recipe": config, "reference": reference_of(config)}, seeds, cpus, gpus, log=log)
+    write_parquet(pd.DataFrame(frame, columns=list(schema.FINAL)).astype(schema.FINAL),
+                  out / TABLES_DIR / "final.parquet")
+    return summarize_final(frame)
 
 
 def _run_one(config: dict[str, Any], out_dir: str) -> dict[str, Any]:
@@ -106,37 +131,56 @@ def summarize_final(final: pd.DataFrame) -> pd.DataFrame:
 # --- several workers for one run: Ray Train -------------------------------------------------
 
 def _ddp_loop(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker. Ray has set RANK, WORLD_SIZE and LOCAL_RANK and joined the process
+    group, so `setup_runtime` runs DDP. Rank 0 writes the run's files to a local folder and reports
+    them as the checkpoint (which also fills `Result.metrics`); the driver copies them to `out_dir`,
+    so rank 0 may run on any node."""
     import tempfile
 
     import ray.train
 
-    from jepatune.trainer.loop import train
+    from jepatune.trainer.loop import setup_runtime, train
 
-    context = ray.train.get_context()
-    out_dir = loop_config["out_dir"] if context.get_world_rank() == 0 else None
-    result = train(TrainConfig.from_dict(loop_config["config"]), out_dir=out_dir)
-    # Result.metrics is filled only from reports that carry a checkpoint: attach one on rank 0.
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if context.get_world_rank() == 0:
-            Path(tmp, "summary.json").write_text(json.dumps(result.summary, default=str))
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({k: v for k, v in result.summary.items() if not isinstance(v, dict)},
-                         checkpoint=checkpoint)
+    config = TrainConfig.from_dict(loop_config["config"])
+    if config.device == "cuda":  # the GPU Ray gave this worker; setup_runtime takes cuda:LOCAL_RANK
+        import ray.train.torch
+
+        os.environ["LOCAL_RANK"] = str(ray.train.torch.get_device().index)
+    runtime = setup_runtime(config)  # what the trainer sees: the group is joined already
+    with tempfile.TemporaryDirectory(prefix="jepatune-ddp-") as tmp:
+        result = train(config, out_dir=tmp if runtime.main else None)
+        metrics = {**{k: v for k, v in result.summary.items() if not isinstance(v, dict)},
+                   "rank": runtime.rank, "world_size": runtime.world_size}
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if runtime.main else None)
 
 
 def retrain_ddp(config: TrainConfig, out_dir: str | Path, num_workers: int = 2, use_gpu: bool = False,
                 storage: str | None = None) -> dict[str, Any]:
-    """Train one run on `num_workers` DDP workers (gloo on CPU, NCCL on GPUs) with Ray Train."""
-    from ray.train import RunConfig, ScalingConfig
+    """Train one run on `num_workers` DDP workers (gloo on CPU, NCCL on GPUs) with Ray Train; write
+    its files (artifact, summary.json, metrics.jsonl) to `out_dir` and return rank 0's summary.
+
+    Ray keeps the run under `storage` (default: beside `out_dir`); on several nodes it must be
+    shared (s3://... or NFS). `grad_accum_steps` is the global count of micro-batches per step, so
+    the result matches one process with the same config.
+    """
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    device = "cuda" if use_gpu else "cpu"
+    if config.device not in ("auto", device):
+        raise ConfigError(f"device={config.device!r} but use_gpu={use_gpu}; set device={device} or auto")
+    if config.grad_accum_steps % num_workers:
+        raise ConfigError(f"grad_accum_steps={config.grad_accum_steps} must be divisible by num_workers={num_workers}")
     out_dir = Path(out_dir).resolve()
     trainer = TorchTrainer(
         _ddp_loop,
-        train_loop_config={"config": config.to_dict(), "out_dir": str(out_dir)},
+        train_loop_config={"config": config.replace(device=device).to_dict()},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
-        run_config=RunConfig(name=f"retrain-{out_dir.name}", storage_path=storage or str(out_dir.parent / "ray")),
+        run_config=RunConfig(name=f"retrain-{out_dir.name}", storage_path=storage or str(out_dir.parent / "ray"),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
     result = trainer.fit()
+    if result.checkpoint is None:
+        raise JepatuneError(f"retrain_ddp {out_dir.name}: rank 0 reported no result")
+    result.checkpoint.to_directory(str(out_dir))
     return dict(result.metrics or {})

@@ -18,6 +18,7 @@ import optuna
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from jepatune.analysis.tables import read_jsonl
 from jepatune.search.trainable import METRIC, TIME_ATTR
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,30 @@ class RecordingASHA(ASHAScheduler):
     def __init__(self, *args, decisions_path: str, **kwargs):
         super().__init__(*args, **kwargs)
         self.decisions_path = decisions_path
+        self._replayed = False  # pickled False into tuner.pkl, so a resumed driver replays once
+        self._stopped: set[str] = set()
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        if not self._replayed:
+            self._replay_decisions()
+        super().on_trial_add(tune_controller, trial)
+
+    def _replay_decisions(self) -> None:
+        """Ray does not snapshot the scheduler: a resumed sweep gets the one pickled when the sweep
+        started, with empty rungs. Refill them from the decisions file so the cut-offs carry on, and
+        stop again a trial that was stopped after the last snapshot (it resumes as running)."""
+        self._replayed = True
+        rows = [r for r in read_jsonl(Path(self.decisions_path)) if {"trial_id", "rung", "value"} <= r.keys()]
+        for bracket in self._brackets:  # one bracket (Ray's default), so every trial is in it
+            for milestone, recorded in bracket._rungs:
+                recorded.update({r["trial_id"]: self._metric_op * r["value"] for r in rows if r["rung"] == milestone})
+        self._stopped = {r["trial_id"] for r in rows if r.get("decision") == "stop"}
+        if rows:
+            log.info("resumed ASHA with %d earlier decisions", len(rows))
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if trial.trial_id in self._stopped:  # decided (and recorded) before the driver's crash
+            return TrialScheduler.STOP
         rung, cutoff = self._rung_and_cutoff(trial.trial_id, result)
         action = super().on_trial_result(tune_controller, trial, result)
         if rung is not None:
@@ -96,3 +119,4 @@ class RecordingASHA(ASHAScheduler):
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:  # one line, appended whole
             f.write(json.dumps(row) + "\n")
+

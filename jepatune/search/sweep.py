@@ -15,6 +15,7 @@ import os
 import platform
 import subprocess
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,16 @@ from jepatune.errors import JepatuneError
 
 SETTINGS_NAME = "sweep.json"
 CACHE_DIR = "finished"
+# Ray snapshots the experiment (trial states, the checkpoint each trial restarts from, the searcher)
+# every TUNE_GLOBAL_CHECKPOINT_S ("auto": 10 s or more). `--resume` starts from the last snapshot, so
+# a hard kill costs each running trial its work since the checkpoint that snapshot names: at most
+# this period more than its current rung (finished trials cost nothing: trainable.py caches them).
+# Checkpoints are all kept until the sweep ends: with num_to_keep=1 Ray deletes a trial's previous
+# checkpoint when it registers the next, while the snapshot on disk (copied in the background) can
+# still name it, and the trial then fails to restore ("does not exist on storage anymore": 2 of 9
+# killed test sweeps). num_to_keep also forced a snapshot at every checkpoint, each waiting for the
+# previous copy; a 2 s period costs less when many trials run.
+SNAPSHOT_PERIOD_S = "2"
 
 
 @dataclass(frozen=True)
@@ -70,8 +81,22 @@ class SweepSettings:
             raise JepatuneError(f"--grace-steps={self.grace_steps}: must be in [1, trial_steps]")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
             raise JepatuneError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
-        if self.storage is not None and "://" in self.storage and not self.storage.split("://")[0].isalnum():
-            raise JepatuneError(f"--storage {self.storage!r}: not a URI; use s3://bucket/path or a folder")
+        if self.storage is not None:
+            check_storage(self.storage)
+
+
+def check_storage(storage: str) -> None:
+    """A URI with a scheme and a bucket (s3://bucket/path, gs://...), or a writable folder."""
+    parsed = urllib.parse.urlparse(storage)
+    if parsed.scheme and len(parsed.scheme) > 1:  # one letter is a Windows drive, not a scheme
+        if not storage.startswith(f"{parsed.scheme}://") or not parsed.netloc:
+            raise JepatuneError(f"--storage {storage!r}: malformed URI; write it as {parsed.scheme}://bucket/path")
+        return
+    probe = Path(storage).resolve()
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise JepatuneError(f"--storage {storage!r}: {probe} is not writable; choose a shared folder you can write")
 
 
 def base_config(settings: SweepSettings):
@@ -117,10 +142,16 @@ def write_metadata(settings: SweepSettings, config, space) -> None:
 
 
 def read_settings(folder: str | os.PathLike) -> SweepSettings:
-    path = Path(folder) / SETTINGS_NAME
+    """The settings a sweep started with, located where the folder is now: the recorded `--out`
+    may be relative to another working directory, or the folder may have moved since."""
+    folder = Path(folder).resolve()
+    path = folder / SETTINGS_NAME
     if not path.is_file():
         raise JepatuneError(f"{folder} is not a jepatune sweep (no {SETTINGS_NAME}); give the folder `search` made")
-    return SweepSettings(**json.loads(path.read_text())["settings"])
+    settings = SweepSettings(**json.loads(path.read_text())["settings"])
+    # With --storage, Ray's experiment is STORAGE/NAME: keep the recorded name.
+    return dataclasses.replace(settings, out=str(folder.parent),
+                               name=folder.name if settings.storage is None else settings.name)
 
 
 def ray_experiment_path(settings: SweepSettings) -> str:
@@ -151,6 +182,15 @@ def _build_tuner(settings: SweepSettings, config, space, restore: bool):
         trial_resources(settings.cpus_per_trial, settings.gpus_per_trial))
     path = ray_experiment_path(settings)
     if restore:
+        if not tune.Tuner.can_restore(path):
+            raise JepatuneError(f"--resume: {path} holds no Ray experiment state (the sweep stopped before its first "
+                                f"snapshot); delete {settings.folder} and start the sweep again")
+        # Ray resumes from its last snapshot: trials running then continue from the checkpoint it names
+        # under the same id; trials started after it are lost to Ray (their folders stay, as orphans)
+        # and the restored, seeded searcher suggests their recipes again under new ids (the very same
+        # while in its random startup trials); the finished-trial cache answers those that had finished.
+        # The scheduler is not in the snapshot: Ray unpickles the one the sweep started with, and
+        # RecordingASHA refills it from decisions.jsonl.
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     # Ray's own console tables are off (verbose=0); TrialLines prints one line per trial.
     sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=settings.startup_trials,
@@ -169,7 +209,8 @@ def _build_tuner(settings: SweepSettings, config, space, restore: bool):
         run_config=tune.RunConfig(name=settings.name, storage_path=str(Path(path).parent)
                                   if settings.storage is None else settings.storage.rstrip("/"),
                                   failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=0,
+                                  # num_to_keep unset: see SNAPSHOT_PERIOD_S
+                                  checkpoint_config=tune.CheckpointConfig(), verbose=0,
                                   callbacks=[TrialLines(settings.samples, settings.trial_steps)]),
     )
 
@@ -195,16 +236,36 @@ def run_sweep(settings: SweepSettings, *, resume: bool = False):
     if not resume:
         write_metadata(settings, config, space)
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-    # A checkpoint at every rung with num_to_keep=1 forces an experiment snapshot each time, which
-    # is what a crash-safe resume wants; Ray warns about it at every snapshot, so say it once here.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", SNAPSHOT_PERIOD_S)  # read when the Tuner starts
     _ensure_ray()
     tuner = _build_tuner(settings, config, space, restore=resume)
-    grid = tuner.fit()
+    grid = tuner.fit()  # ends with a last snapshot, which names each trial's newest checkpoint
+    prune_checkpoints(ray_experiment_path(settings))
     from jepatune.analysis.tables import write_tables
 
     write_tables(folder)
     return grid
+
+
+def prune_checkpoints(experiment: str) -> int:
+    """Delete every trial checkpoint but the newest of its trial; return how many went. Only
+    once a sweep has ended: during it, the last snapshot may still name an older one."""
+    import pyarrow.fs as pafs
+
+    if "://" in experiment:
+        fs, root = pafs.FileSystem.from_uri(experiment)
+    else:
+        fs, root = pafs.LocalFileSystem(), experiment
+    removed = 0
+    for trial in fs.get_file_info(pafs.FileSelector(root)):
+        if trial.type != pafs.FileType.Directory:
+            continue
+        checkpoints = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(trial.path))
+                             if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+        for path in checkpoints[:-1]:  # checkpoint_000000, _000001, ...: the name orders them
+            fs.delete_dir(path)
+            removed += 1
+    return removed
 
 
 def finalize(folder: str | os.PathLike, *, final_steps: int = 0, final_seeds: int = 0, log=print):
@@ -261,7 +322,10 @@ def load_study(folder: str | os.PathLike):
     import pickle
 
     snaps = sorted(Path(ray_experiment_path(read_settings(folder))).glob("searcher-state-*.pkl"))
-    if not snaps:
-        raise JepatuneError(f"{folder}: no searcher state saved yet")
-    with open(snaps[-1], "rb") as f:
-        return pickle.load(f)["_ot_study"]
+    for snap in reversed(snaps):  # one per driver session, the newest first
+        try:
+            with open(snap, "rb") as f:
+                return pickle.load(f)["_ot_study"]
+        except (EOFError, pickle.UnpicklingError):  # cut by a crash while Ray copied it
+            continue
+    raise JepatuneError(f"{folder}: no searcher state saved yet")

@@ -100,18 +100,20 @@ def run_trial(suggestion: dict[str, Any], *, base: dict[str, Any], trial_steps: 
                 return  # the last rung was already reported
             done = metrics["step"] >= trial_steps
             out = {**_common(metrics, config, node, trial_steps, started), "status": "completed" if done else "running"}
-            if done:  # a restart from this checkpoint re-reports instead of training again
+            if done:  # a restart from this checkpoint, or a re-suggestion of the recipe, re-reports instead
                 atomic_write_text(ckpt_dir / RESULT_NAME, json.dumps(out))
+                atomic_write_text(cache, json.dumps(out))
             tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
 
+        # Every write happens before its `tune.report`: a report blocks until the driver asks for
+        # more, and ASHA stops a trial at its last report (step >= max_t), so code after the final
+        # report never runs.
         result = _train(config, report, ckpt_dir, resume_from)
         if result.status == "diverged":
             final = {**_common(result.summary, config, node, trial_steps, started), METRIC: PENALTY_BPB,
                      "status": "diverged"}
+            atomic_write_text(cache, json.dumps(final))
             tune.report(final)
-        else:
-            final = {**_common(result.history[-1], config, node, trial_steps, started), "status": "completed"}
-    atomic_write_text(cache, json.dumps(final))
 
 
 def _train(config: TrainConfig, report, ckpt_dir: Path, resume_from: Path | None):

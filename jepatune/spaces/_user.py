@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import tomllib
 import types
 import typing
 from functools import partial
@@ -18,7 +17,7 @@ from typing import Any
 from jepatune.errors import ConfigError, SpaceError
 from jepatune.spaces._size import DEFAULT_CODE_BYTES, size_violation
 from jepatune.spaces._space import INFEASIBLE_KEY, KNOBS, Dim, Space
-from jepatune.trainer.config import TrainConfig, apply_overrides
+from jepatune.trainer.config import TrainConfig, apply_overrides, read_toml
 
 PROBE_POINTS = 200  # random draws that must contain one feasible point
 _TOP_KEYS = ("name", "description", "size_cap", "params", "fixed")
@@ -112,14 +111,7 @@ def load_space(path: str | Path, base: TrainConfig | None = None, *,
     """The user space in the TOML file `path`, validated; SpaceError names the key and the fix."""
     path = Path(path)
     where = f"space file {path}"
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SpaceError(f"{where} does not exist; check the path or use a named space") from None
-    except OSError as e:
-        raise SpaceError(f"{where} cannot be read ({e.strerror or e}); give a readable TOML file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise SpaceError(f"{where} is not valid TOML: {e}") from None
+    doc = read_toml(path, "space file", SpaceError)
     for k in doc:
         if k not in _TOP_KEYS:
             raise SpaceError(f"{where}: unknown key {k!r}; use name, description, size_cap, [params.<knob>], [fixed]")

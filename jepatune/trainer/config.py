@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jepatune.errors import ConfigError
+from jepatune.errors import ConfigError, JepatuneError
 
 REGULARIZERS = ("varcov", "lejepa", "none")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -269,19 +269,24 @@ def parse_set_args(items: list[str]) -> dict[str, str]:
     return out
 
 
+def read_toml(path: Path, what: str, error: type[JepatuneError]) -> dict[str, Any]:
+    """The TOML document at `path`; every way it can be unreadable is one `error` naming `what`."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist; check the path") from None
+    except OSError as e:
+        raise error(f"{what} {path} cannot be read ({e.strerror or e}); give a readable TOML file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{what} {path} is not valid TOML: {e}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults, then a flat TOML file (optional), then overrides."""
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        try:
-            values = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except OSError as e:
-            raise ConfigError(f"config file {path} cannot be read ({e.strerror}); give a readable TOML file") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+        values = read_toml(path, "config file", ConfigError)
         nested = [k for k, v in values.items() if isinstance(v, dict)]
         if nested:
             raise ConfigError(f"config file {path}: tables are not used, write flat keys (found [{nested[0]}])")
@@ -316,5 +321,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "muon_momentum_warmup_steps": 50,
         "val_loss_every": 50, "val_tokens": 65_536, "val_batch_size": 32_768, "train_log_every": 50,
         "lejepa_directions": 256, "lejepa_positions": 1024,
+    },
+    # The demo sweep's proxy: 0.14M parameters, 2K bytes per step, about 80 ms a step on one core.
+    "demo": {
+        "num_layers": 4, "model_dim": 64, "num_heads": 2, "num_kv_heads": 1, "train_seq_len": 128,
+        "train_batch_tokens": 2048, "grad_accum_steps": 1, "iterations": 300, "warmdown_frac": 0.3,
+        "muon_momentum_warmup_steps": 50, "val_loss_every": 50, "val_tokens": 32_768, "val_batch_size": 16_384,
+        "train_log_every": 0, "lejepa_directions": 128, "lejepa_positions": 1024,
     },
 }

@@ -48,7 +48,7 @@ from jepatune.trainer.data import (
 from jepatune.trainer.evaluate import autocast, evaluate_bpb
 from jepatune.trainer.losses import lejepa_directions, lejepa_rows
 from jepatune.trainer.model import GPT, build_model, count_parameters, is_control
-from jepatune.trainer.muon import Muon
+from jepatune.trainer.muon import Muon, zeropower_via_newtonschulz5
 from jepatune.trainer.swa import WeightAverage
 
 Report = Callable[[dict[str, Any]], None]
@@ -117,7 +117,9 @@ def build_optimizers(model: GPT, c: TrainConfig) -> tuple[list[torch.optim.Optim
                                 eps=c.adam_eps, **fused)
 
     token_lr = c.tied_embed_lr if c.tie_embeddings else c.embed_lr
-    muon = Muon(matrices, lr=c.matrix_lr, momentum=c.muon_momentum, backend_steps=c.muon_backend_steps)
+    ns = torch.compile(zeropower_via_newtonschulz5) if c.compile else zeropower_via_newtonschulz5
+    muon = Muon(matrices, lr=c.matrix_lr, momentum=c.muon_momentum, backend_steps=c.muon_backend_steps,
+                orthogonalize=ns)
     muon.param_groups[0]["base_lr"] = c.matrix_lr
     optimizers: list[torch.optim.Optimizer] = [adam([model.tok_emb.weight], token_lr), muon,
                                                adam(scalars, c.scalar_lr)]

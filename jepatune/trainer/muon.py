@@ -29,8 +29,10 @@ def zeropower_via_newtonschulz5(g: Tensor, steps: int = 5, eps: float = 1e-7) ->
 
 
 class Muon(torch.optim.Optimizer):
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int = 5, nesterov: bool = True):
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int = 5, nesterov: bool = True,
+                 orthogonalize=zeropower_via_newtonschulz5):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov))
+        self.orthogonalize = orthogonalize  # torch.compile'd by the trainer when compile=true
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -49,7 +51,7 @@ class Muon(torch.optim.Optimizer):
                     buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
                     buf.mul_(momentum).add_(p.grad)
                     g = p.grad.add(buf, alpha=momentum) if group["nesterov"] else buf
-                    g = zeropower_via_newtonschulz5(g, steps=group["backend_steps"])
+                    g = self.orthogonalize(g, steps=group["backend_steps"])
                     g = g * max(1.0, g.size(0) / g.size(1)) ** 0.5
                     flat[offset : offset + p.numel()] = g.reshape(-1)
                 offset += p.numel()

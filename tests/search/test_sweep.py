@@ -98,3 +98,24 @@ def test_retrain_compares_best_and_reference_at_equal_budget(sweep):
     winner = tables["trials"].query("status == 'completed'").sort_values("last_val_bpb").iloc[0]
     assert best.jepa_pure_frac == pytest.approx(winner["jepa_pure_frac"])
     assert best.model_dim == 32  # the fixed knobs travel with the recipe
+
+
+def test_retrain_a_recipe_file_beside_its_reference(sweep, tmp_path):
+    from jepatune.cli import main
+
+    settings, _, _ = sweep
+    out = tmp_path / "retrain"
+    assert main(["retrain", str(settings.folder / "best.toml"), "--final-steps", "8", "--final-seeds", "1",
+                 "--out", str(out)]) == 0
+    final = pd.read_parquet(out / "tables" / "final.parquet")
+    assert sorted(final["recipe"]) == ["recipe", "reference"] and (final["steps"] == 8).all()
+    for column, dtype in schema.FINAL.items():
+        assert str(final[column].dtype) == dtype
+    import json
+
+    recipe = json.loads((out / "final" / "recipe-seed0" / "summary.json").read_text())["config"]
+    reference = json.loads((out / "final" / "reference-seed0" / "summary.json").read_text())["config"]
+    best = load_config(settings.folder / "best.toml")
+    assert recipe["jepa_pure_frac"] == best.jepa_pure_frac
+    # the reference recipe at the same shape and budget
+    assert reference["jepa_pure_frac"] == TrainConfig().jepa_pure_frac and reference["model_dim"] == 32

@@ -1,0 +1,300 @@
+"""Pandas helpers over a sweep's tables: leaderboard, marginals, importance, rung fidelity, final deltas.
+
+`load(folder)` reads the tables of a sweep folder (rebuilding them when missing or stale); every
+other function is pure: it takes the tables as DataFrames (with the dtypes of
+`jepatune.analysis.schema`) and returns a new DataFrame. "Completed" trials are those that ran their
+whole budget (`status == "completed"`) and have a `last_val_bpb`; "BPB" is that final value.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from dataclasses import fields
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import optuna
+import pandas as pd
+
+from jepatune.analysis import schema
+from jepatune.analysis.tables import FINAL_RUNS, TABLES_DIR, load_tables, write_tables
+from jepatune.errors import JepatuneError
+
+# = jepatune.search.searcher.DECISIONS_NAME (that module imports Ray; a test keeps the two equal)
+DECISIONS_NAME = "decisions.jsonl"
+EVALUATORS = ("fanova", "ped-anova")
+# Two-sided 95% quantiles of Student's t for df = 1..30; above 30 a Cornish-Fisher expansion (error < 1e-5).
+_T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788, 2.1604,
+         2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555,
+         2.0518, 2.0484, 2.0452, 2.0423)
+
+
+class Tables(NamedTuple):
+    """The four tables of a sweep (columns: `jepatune.analysis.schema`, plus the knob columns of trials)."""
+
+    trials: pd.DataFrame
+    curves: pd.DataFrame
+    decisions: pd.DataFrame
+    final: pd.DataFrame
+
+
+def load(folder: str | os.PathLike) -> Tables:
+    """The tables of the sweep at `folder`, rebuilt from its files first when missing or stale.
+
+    Stale: a source file is newer (mtime) than the oldest table. Sources: the driver's
+    `decisions.jsonl` and `final/runs.jsonl`, and each Ray trial's `result.json` when the Ray
+    experiment is on a local path (with a `storage` URI such as s3:// those are not checked)."""
+    folder = Path(folder)
+    if _stale(folder):
+        write_tables(folder)
+    tables = load_tables(folder)
+    return Tables(**{name: tables[name] for name in Tables._fields})
+
+
+def _stale(folder: Path) -> bool:
+    from jepatune.search.sweep import ray_experiment_path, read_settings
+
+    paths = [folder / TABLES_DIR / f"{name}.parquet" for name in schema.TABLES]
+    if not all(p.exists() for p in paths):
+        return False  # load_tables builds them
+    oldest = min(p.stat().st_mtime_ns for p in paths)
+    sources = [folder / DECISIONS_NAME, folder / FINAL_RUNS]
+    experiment = ray_experiment_path(read_settings(folder))
+    if "://" not in experiment:
+        sources += Path(experiment).glob("*/result.json")
+    return any(p.exists() and p.stat().st_mtime_ns > oldest for p in sources)
+
+
+def knob_columns(trials: pd.DataFrame) -> list[str]:
+    """The hyperparameter columns of `trials` (TrainConfig knobs, as `jepatune.search.trainable.KNOBS`,
+    read here without importing Ray), in table order."""
+    from jepatune.trainer.config import TrainConfig
+
+    knobs = {f.name for f in fields(TrainConfig)}
+    return [c for c in trials.columns if c in knobs]
+
+
+def _completed(trials: pd.DataFrame) -> pd.DataFrame:
+    done = trials["status"].eq("completed").fillna(False).astype(bool) & trials["last_val_bpb"].notna()
+    return trials[done.to_numpy()]
+
+
+def leaderboard(trials: pd.DataFrame, k: int = 10, include_pruned: bool = False) -> pd.DataFrame:
+    """The best `k` completed trials by val_bpb (ascending). The reference trial, when completed, is
+    kept even outside the top `k` (after them). With `include_pruned`, the `k` pruned trials that went
+    furthest (most steps, then lowest last val_bpb) follow.
+
+    Columns: trial_id, status, is_reference, val_bpb (= last_val_bpb), the knob columns, step, device_s."""
+    done = _completed(trials).sort_values("last_val_bpb", kind="stable")
+    top = done.head(k)
+    ref = done[done["is_reference"].fillna(False).astype(bool).to_numpy()]
+    parts = [top, ref[~ref["trial_id"].isin(top["trial_id"])]]
+    if include_pruned:
+        pruned = trials[trials["status"].eq("pruned").fillna(False).astype(bool).to_numpy()]
+        parts.append(pruned.sort_values(["step", "last_val_bpb"], ascending=[False, True], kind="stable").head(k))
+    parts = [p for p in parts if len(p)]
+    board = pd.concat(parts) if parts else trials.iloc[:0]
+    columns = ["trial_id", "status", "is_reference", "last_val_bpb", *knob_columns(trials), "step", "device_s"]
+    return board[columns].rename(columns={"last_val_bpb": "val_bpb"}).reset_index(drop=True)
+
+
+def _is_log(values: pd.Series) -> bool:
+    """A log-scale parameter: all positive, spanning more than one decade."""
+    return bool(len(values)) and values.min() > 0 and values.max() / values.min() > 10
+
+
+def _is_numeric(values: pd.Series) -> bool:
+    return pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+
+
+def _check_param(trials: pd.DataFrame, param: str) -> None:
+    knobs = knob_columns(trials)
+    if param not in knobs:
+        raise JepatuneError(f"{param!r} is not a hyperparameter of this sweep; choose one of {', '.join(knobs)}")
+
+
+def marginals(trials: pd.DataFrame, param: str, bins: int = 5) -> pd.DataFrame:
+    """BPB of the completed trials against one hyperparameter.
+
+    A numeric param with more than `bins` distinct values falls into `bins` quantile bins (fewer
+    when edges coincide), right-closed, computed on log10 values when the param is log-scale (all
+    positive, spanning more than a decade: the edges are then geometric); one with fewer values, or
+    a bool/string param, is grouped by value. Rows in bin order.
+
+    Columns: bin (label), low, high (bin edges; low == high == the value for a numeric group by value;
+    NaN for bool/string), count, mean_bpb, min_bpb, std_bpb (NaN for one trial)."""
+    _check_param(trials, param)
+    done = _completed(trials)
+    done = done[done[param].notna().to_numpy()]
+    x, bpb = done[param], done["last_val_bpb"].astype(float)
+    if _is_numeric(x) and x.nunique() > bins:
+        x = x.astype(float)
+        log = _is_log(x)
+        codes, edges = pd.qcut(np.log10(x) if log else x, bins, labels=False, retbins=True, duplicates="drop")
+        edges = 10 ** edges if log else edges
+        keys = codes.astype(int)
+        low, high = edges[:-1], edges[1:]
+        labels = [f"{'(' if i else '['}{lo:.4g}, {hi:.4g}]" for i, (lo, hi) in enumerate(zip(low, high, strict=True))]
+    else:
+        values = sorted(x.unique())
+        keys = x.map({v: i for i, v in enumerate(values)})
+        numeric = _is_numeric(x)
+        low = high = [float(v) if numeric else math.nan for v in values]
+        labels = [f"{v:.4g}" if numeric else str(v) for v in values]
+    stats = bpb.groupby(keys.to_numpy()).agg(["count", "mean", "min", "std"])
+    rows = [{"bin": labels[i], "low": low[i], "high": high[i], "count": int(s["count"]), "mean_bpb": s["mean"],
+             "min_bpb": s["min"], "std_bpb": s["std"]} for i, s in stats.iterrows()]
+    columns = ["bin", "low", "high", "count", "mean_bpb", "min_bpb", "std_bpb"]
+    return pd.DataFrame(rows, columns=columns).astype({"bin": "string", "low": float, "high": float,
+                                                       "count": "Int64"})
+
+
+def _distribution(values: pd.Series) -> tuple[optuna.distributions.BaseDistribution, type]:
+    """The Optuna distribution a param's values came from (inferred), and the Python type of a value."""
+    if pd.api.types.is_bool_dtype(values):
+        return optuna.distributions.CategoricalDistribution(sorted({bool(v) for v in values})), bool
+    if pd.api.types.is_integer_dtype(values):
+        return optuna.distributions.IntDistribution(int(values.min()), int(values.max()), log=_is_log(values)), int
+    if pd.api.types.is_float_dtype(values):
+        values = values.astype(float)
+        return optuna.distributions.FloatDistribution(values.min(), values.max(), log=_is_log(values)), float
+    return optuna.distributions.CategoricalDistribution(sorted({str(v) for v in values})), str
+
+
+def _evaluator(name: str, seed: int) -> optuna.importance.BaseImportanceEvaluator:
+    if name == "ped-anova":
+        return optuna.importance.PedAnovaImportanceEvaluator()
+    if name != "fanova":
+        raise JepatuneError(f"importance evaluator {name!r} is unknown; choose one of {', '.join(EVALUATORS)}")
+    try:
+        return optuna.importance.FanovaImportanceEvaluator(seed=seed)
+    except ImportError as e:  # Optuna's fANOVA fits scikit-learn random forests
+        raise JepatuneError("fANOVA importance needs scikit-learn, which is not installed: "
+                            "pip install scikit-learn (or use evaluator='ped-anova')") from e
+
+
+def importance(trials: pd.DataFrame, evaluator: str = "fanova", seed: int = 0) -> pd.DataFrame:
+    """How much each hyperparameter explains the BPB of the completed trials, by Optuna's evaluator
+    ("fanova": `FanovaImportanceEvaluator(seed)`, needs scikit-learn; "ped-anova":
+    `PedAnovaImportanceEvaluator()`) on an in-memory study built from the table. Distributions are
+    inferred from the values (float/int: their range, log-scale when all positive over more than a
+    decade; bool/string: categorical); params null in some completed trial or constant are left out.
+
+    Columns: param, importance (Optuna-normalised: sums to 1 unless all are 0), evaluator; most
+    important first."""
+    done = _completed(trials)
+    if len(done) < 2:
+        raise JepatuneError(f"importance needs at least 2 completed trials (full budget); this sweep has "
+                            f"{len(done)}: run more --samples")
+    if done["last_val_bpb"].nunique() < 2:
+        raise JepatuneError(f"the {len(done)} completed trials all have the same val_bpb: no importance to attribute")
+    params = [c for c in knob_columns(done) if done[c].notna().all() and done[c].nunique() > 1]
+    if not params:
+        raise JepatuneError(f"no hyperparameter varies across the {len(done)} completed trials; importance needs "
+                            f"at least 2 completed trials with different recipes")
+    chosen = _evaluator(evaluator, seed)
+    dists = {p: _distribution(done[p]) for p in params}
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created in memory" line
+    try:
+        study = optuna.create_study(direction="minimize")
+        for _, row in done.iterrows():
+            study.add_trial(optuna.trial.create_trial(
+                params={p: kind(row[p]) for p, (_, kind) in dists.items()},
+                distributions={p: dist for p, (dist, _) in dists.items()}, value=float(row["last_val_bpb"])))
+        scores = optuna.importance.get_param_importances(study, evaluator=chosen)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    out = pd.DataFrame({"param": list(scores), "importance": [float(v) for v in scores.values()]})
+    return out.assign(evaluator=evaluator).astype({"param": "string", "evaluator": "string"})
+
+
+def spearman(a: pd.Series, b: pd.Series) -> float:
+    """Spearman's rank correlation of two aligned series: the Pearson correlation of their average
+    ranks (ties share the mean of their ranks). NaN when either is constant or shorter than 2."""
+    return float(a.rank().reset_index(drop=True).corr(b.rank().reset_index(drop=True)))
+
+
+def rung_correlation(trials: pd.DataFrame, curves: pd.DataFrame, decisions: pd.DataFrame) -> pd.DataFrame:
+    """How well each ASHA rung's ranking predicts the final one, over the completed trials.
+
+    Rungs: those in `decisions`, else the distinct curve steps below the trials' budget.
+    `best_stopped_here` is True when the best completed trial's val_bpb at the rung is worse
+    (greater) than the most lenient (largest) cut-off recorded at that rung: whenever ASHA judged a
+    trial there, it would have stopped that one. False when the rung has no cut-off or no value.
+
+    Columns: rung, n (completed trials with a value at the rung), spearman (rung val_bpb vs final
+    val_bpb; NaN when n < 3), cutoff (the largest recorded), best_stopped_here, stopped (trials ASHA
+    stopped at the rung)."""
+    done = _completed(trials)
+    final = done.set_index("trial_id")["last_val_bpb"].astype(float)
+    if len(decisions):
+        rungs = sorted({int(r) for r in decisions["rung"].dropna()})
+    else:
+        budget = trials["trial_steps"].max() if len(trials) else 0
+        rungs = sorted({int(s) for s in curves["step"].dropna() if pd.notna(budget) and s < budget})
+    best = final.idxmin() if len(final) else None
+    rows = []
+    for rung in rungs:
+        at = curves[curves["step"].eq(rung).fillna(False).astype(bool).to_numpy()]
+        at = at.drop_duplicates("trial_id", keep="last").set_index("trial_id")["val_bpb"].astype(float)
+        both = pd.concat([at, final], axis=1, join="inner", keys=["rung", "final"]).dropna()
+        judged = decisions[decisions["rung"].eq(rung).fillna(False).astype(bool).to_numpy()]
+        cutoff = float(judged["cutoff"].max()) if judged["cutoff"].notna().any() else math.nan
+        value = at.get(best, math.nan) if best is not None else math.nan
+        stopped = judged.loc[judged["decision"].eq("stop").fillna(False).astype(bool).to_numpy(), "trial_id"]
+        rows.append({"rung": rung, "n": len(both),
+                     "spearman": spearman(both["rung"], both["final"]) if len(both) >= 3 else math.nan,
+                     "cutoff": cutoff, "best_stopped_here": bool(value > cutoff), "stopped": stopped.nunique()})
+    columns = ["rung", "n", "spearman", "cutoff", "best_stopped_here", "stopped"]
+    return pd.DataFrame(rows, columns=columns).astype({"rung": "Int64", "n": "Int64", "spearman": float,
+                                                       "cutoff": float, "best_stopped_here": bool,
+                                                       "stopped": "Int64"})
+
+
+def t_quantile_975(df: int) -> float:
+    """The 0.975 quantile of Student's t with `df` degrees of freedom (a 95% two-sided CI's multiplier)."""
+    if df < 1:
+        raise ValueError(f"df={df}: must be at least 1")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = statistics.NormalDist().inv_cdf(0.975)
+    g1, g2 = (z**3 + z) / 4, (5 * z**5 + 16 * z**3 + 3 * z) / 96
+    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
+    return z + g1 / df + g2 / df**2 + g3 / df**3
+
+
+def compare_final(final: pd.DataFrame, reference: str = "reference") -> pd.DataFrame:
+    """The final retrain per recipe, each against `reference`, over runs that finished
+    (status "completed" or unknown) with a val_bpb.
+
+    delta = mean val_bpb of the recipe - mean of the reference (negative: better). When both ran the
+    same seeds (2 or more, once each), ci_low/ci_high is the 95% t interval of the per-seed
+    differences (paired by seed); otherwise NaN. Sorted by mean.
+
+    Columns: recipe, mean, std, count, delta (NaN for the reference itself, or with no reference),
+    ci_low, ci_high, paired."""
+    columns = ["recipe", "mean", "std", "count", "delta", "ci_low", "ci_high", "paired"]
+    ok = final[(final["status"].isna() | final["status"].eq("completed")).fillna(False).astype(bool).to_numpy()
+               & final["val_bpb"].notna().to_numpy()]
+    runs = {str(r): g.set_index("seed")["val_bpb"].astype(float) for r, g in ok.groupby("recipe")}
+    ref = runs.get(reference)
+    rows = []
+    for recipe, x in runs.items():
+        row = {"recipe": recipe, "mean": x.mean(), "std": x.std(), "count": len(x), "delta": math.nan,
+               "ci_low": math.nan, "ci_high": math.nan, "paired": False}
+        if ref is not None and recipe != reference:
+            row["delta"] = x.mean() - ref.mean()
+            same = x.index.is_unique and ref.index.is_unique and set(x.index) == set(ref.index)
+            if same and len(x) >= 2:
+                d = x - ref.loc[x.index]
+                half = t_quantile_975(len(d) - 1) * d.std() / math.sqrt(len(d))
+                row.update(ci_low=d.mean() - half, ci_high=d.mean() + half, paired=True)
+        rows.append(row)
+    out = pd.DataFrame(rows, columns=columns).astype({"recipe": "string", "mean": float, "std": float,
+                                                      "count": "Int64", "delta": float, "ci_low": float,
+                                                      "ci_high": float, "paired": bool})
+    return out.sort_values("mean", kind="stable").reset_index(drop=True)

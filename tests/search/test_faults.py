@@ -1,0 +1,245 @@
+"""Hard failures with real processes: `jepatune search` runs as a subprocess with its own local Ray
+(no ray.init here), and is SIGKILLed mid-sweep, or has one trial's worker SIGKILLed mid-trial."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+import optuna
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from jepatune.analysis import schema
+from jepatune.analysis.tables import load_tables
+from jepatune.search.searcher import RecordingASHA
+from jepatune.search.sweep import CACHE_DIR, base_config, load_study, read_settings
+from jepatune.spaces import get_space
+from jepatune.trainer.loop import trainer_code_bytes
+
+TRIAL_ID = re.compile(r"^run_trial_([0-9a-f]{8})_")
+
+
+def _set_args(knobs: dict) -> list[str]:
+    """`--set k=v` for each fixed knob, as a user types it (tuples as comma lists)."""
+    args = []
+    for k, v in knobs.items():
+        args += ["--set", f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"]
+    return args
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Live (not zombie) processes of session `sid`: the driver, the Ray services it started (its
+    process group) and Ray's workers, which the raylet puts in process groups of their own."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            if os.getsid(int(entry)) == sid and stat.rsplit(")", 1)[1].split()[0] != "Z":
+                pids.append(int(entry))
+        except OSError:  # gone meanwhile
+            continue
+    return pids
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class Search:
+    """`python -m jepatune search ARGS` in a session of its own, with RAY_ADDRESS unset and a private
+    Ray temp folder, so that it starts its own local Ray and joins no other; on exit every process
+    of the session is killed and awaited, so nothing outlives the test."""
+
+    def __init__(self, args: list[str], log: Path):
+        self.ray_tmp = tempfile.mkdtemp(prefix="jt-ray-", dir="/tmp")  # short: Ray's socket paths
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env["RAY_TMPDIR"] = self.ray_tmp
+        self.log = log
+        self.proc = subprocess.Popen([sys.executable, "-m", "jepatune", "search", *args], env=env,
+                                     stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def __enter__(self) -> Search:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kill()
+        subprocess.run(["rm", "-rf", self.ray_tmp], check=False)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def tail(self, n: int = 30) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"`jepatune search` still running after {timeout:.0f}s:\n{self.tail()}")
+
+    def kill(self) -> None:
+        """SIGKILL the driver's process group (the driver and the Ray services it started), then any
+        worker left in the session: without its raylet a worker dies by itself within seconds, but
+        it must not write into the experiment folder once the test has read it."""
+        sid = self.proc.pid
+        try:
+            os.killpg(sid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        deadline = time.monotonic() + 30
+        while pids := _session_pids(sid):
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            assert time.monotonic() < deadline, f"processes of the killed sweep survive: {pids}"
+            time.sleep(0.05)
+
+
+def _poll(what: str, ready: Callable[[], bool], search: Search, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if not search.alive():
+            pytest.fail(f"the sweep ended before {what}:\n{search.tail()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} after {timeout:.0f}s:\n{search.tail()}")
+        time.sleep(0.05)
+
+
+def _snapshot_states(folder: Path) -> dict[str, str]:
+    """trial id -> Ray status in the newest experiment snapshot."""
+    snap = sorted(folder.glob("experiment_state-*.json"))[-1]
+    return {json.loads(t)["trial_id"]: json.loads(t)["status"] for t, _ in json.loads(snap.read_text())["trial_data"]}
+
+
+def _check_dtypes(folder: Path) -> dict[str, pd.DataFrame]:
+    tables = load_tables(folder)
+    for name, columns in schema.TABLES.items():
+        pq.read_metadata(folder / "tables" / f"{name}.parquet")  # valid Parquet
+        for column, dtype in columns.items():
+            assert str(tables[name][column].dtype) == dtype, (name, column)
+    return tables
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_mid_way_resumes_without_losing_or_repeating_trials(tmp_path, demo_data, sweep_knobs):
+    samples, out = 8, tmp_path / "out"
+    folder = out / "s"
+    started = time.monotonic()
+    # samples <= the sampler's 10 random startup trials: the restored, seeded sampler then replays
+    # exactly the suggestions lost with the last snapshot, so each recipe comes back once. One ASHA
+    # cut (rungs 12, 24): enough trials complete early for the kill to land mid-sweep.
+    first = ["--data", str(demo_data), "--out", str(out), "--name", "s", "--samples", str(samples),
+             "--trial-steps", "24", "--grace-steps", "12", "--concurrency", "2", *_set_args(sweep_knobs)]
+    with Search(first, tmp_path / "first.log") as search:
+        # The trainable writes finished/<config_key>.json when a trial completes, before it reports.
+        _poll("two finished trials", lambda: len(list((folder / CACHE_DIR).glob("*.json"))) >= 2, search, 60)
+        search.kill()
+    finished = {f.stem: json.loads(f.read_text()) for f in (folder / CACHE_DIR).glob("*.json")}
+    states = _snapshot_states(folder)
+    assert sum(s == "TERMINATED" for s in states.values()) < samples, "the kill came after the sweep's end"
+    told_before = len(load_study(folder).trials)
+
+    with Search(["--resume", "--out", str(out), "--name", "s"], tmp_path / "resume.log") as search:
+        assert search.wait(90) == 0, search.tail()
+    print(f"kill and resume: {time.monotonic() - started:.0f}s, {len(finished)} finished and "
+          f"{len(states)} trials in the snapshot at the kill")
+
+    tables = _check_dtypes(folder)
+    trials = tables["trials"]
+    assert trials["config_key"].notna().all() and trials["config_key"].is_unique, trials
+    assert len(trials) == samples, trials  # orphaned folders folded into the re-run of their recipe
+    assert set(trials["status"]) <= {"completed", "pruned"}, trials
+    for key, result in finished.items():  # finished before the kill: kept, once, with that result
+        row = trials[trials["config_key"] == key]
+        assert len(row) == 1 and row["status"].item() == "completed"
+        assert row["last_val_bpb"].item() == pytest.approx(result["val_bpb"], rel=0, abs=0)
+    curves = tables["curves"]
+    assert set(curves["trial_id"]) == set(trials["trial_id"])
+    assert not curves.duplicated(["trial_id", "step"]).any()
+
+    # The searcher went on from its snapshot rather than starting again.
+    study = load_study(folder)
+    assert told_before <= len(study.trials) == samples
+    assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in study.trials)
+    settings = read_settings(folder)
+    reference = get_space(settings.space, base=base_config(settings), code_bytes=trainer_code_bytes()).reference_point()
+    assert sum(t.params == reference for t in study.trials) == 1
+    assert trials["is_reference"].sum() == 1
+
+
+@pytest.mark.slow
+def test_a_killed_trial_restarts_from_its_last_checkpoint(tmp_path, demo_data, sweep_knobs):
+    out, steps = tmp_path / "out", 96  # rungs 12, 24, 48, 96
+    folder = out / "s"
+    args = ["--data", str(demo_data), "--out", str(out), "--name", "s", "--samples", "2", "--trial-steps", str(steps),
+            "--concurrency", "1", "--max-failures", "2", *_set_args(sweep_knobs)]
+
+    def second_rung() -> Path | None:
+        """The first trial's folder once its second checkpoint is stored. The worker stores it after
+        the driver took the report of the first (a report blocks until the driver has taken it), so
+        Ray knows a checkpoint to restart from."""
+        return next((c.parent for c in folder.glob("run_trial_*/checkpoint_000001")), None)
+
+    started = time.monotonic()
+    with Search(args, tmp_path / "sweep.log") as search:
+        _poll("a second checkpoint", lambda: second_rung() is not None, search, 60)
+        trial_dir = second_rung()
+        workers = [p for p in _session_pids(search.proc.pid) if "ray::ImplicitFunc" in _cmdline(p)]
+        assert len(workers) == 1, [_cmdline(p) for p in _session_pids(search.proc.pid)]
+        assert not list(trial_dir.glob("checkpoint_*/trial_result.json")), "the trial finished before the kill"
+        os.kill(workers[0], signal.SIGKILL)
+        assert search.wait(90) == 0, search.tail()
+    print(f"worker kill: {time.monotonic() - started:.0f}s")
+
+    trial_id = TRIAL_ID.match(trial_dir.name).group(1)
+    tables = _check_dtypes(folder)
+    row = tables["trials"].set_index("trial_id").loc[trial_id]
+    assert row["restarts"] >= 1 and row["status"] == "completed" and row["step"] == steps, row
+    # Resumed from a checkpoint, not from scratch: the first rung is reported once. Ray logs a report
+    # before it registers the report's checkpoint, so a kill in between redoes that rung from the
+    # checkpoint before: the same step again, with the same iteration and value.
+    reports = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+    reported = [r["step"] for r in reports]
+    assert reported.count(12) == 1 and reported == sorted(reported) and reported[-1] == steps, reported
+    for step in set(reported):
+        again = [(r["training_iteration"], r["val_bpb"]) for r in reports if r["step"] == step]
+        assert all(a == pytest.approx(again[0], rel=1e-6) for a in again), (step, again)
+    curve = tables["curves"].query("trial_id == @trial_id")
+    assert list(curve["step"]) == [12, 24, 48, 96] and list(curve["training_iteration"]) == [1, 2, 3, 4]
+    assert len(list(trial_dir.glob("checkpoint_*"))) == 1  # the older ones pruned once the sweep ended
+
+
+def test_asha_resumes_with_the_decisions_taken_before_a_crash(tmp_path):
+    """Ray snapshots no scheduler: a resumed sweep's ASHA refills its rungs from decisions.jsonl."""
+    path = tmp_path / "decisions.jsonl"
+    rows = [{"trial_id": "a", "rung": 3, "step": 3, "value": 5.0, "cutoff": None, "decision": "continue"},
+            {"trial_id": "b", "rung": 3, "step": 3, "value": 7.0, "cutoff": 5.0, "decision": "stop"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    asha = RecordingASHA(time_attr="step", metric="val_bpb", mode="min", max_t=24, grace_period=3,
+                         reduction_factor=2, decisions_path=str(path))
+    for trial_id in ("b", "c"):
+        asha.on_trial_add(None, SimpleNamespace(trial_id=trial_id))
+    # b was stopped before the crash but resumed as running: stopped again at once
+    assert asha.on_trial_result(None, SimpleNamespace(trial_id="b"), {"step": 6, "val_bpb": 4.0}) == "STOP"
+    # c is judged against the rung as it was (a: 5.0, b: 7.0), not as the first trial to reach it
+    assert asha.on_trial_result(None, SimpleNamespace(trial_id="c"), {"step": 3, "val_bpb": 6.5}) == "STOP"
+    assert [r["trial_id"] for r in map(json.loads, path.read_text().splitlines())] == ["a", "b", "c"]
