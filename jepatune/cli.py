@@ -133,7 +133,7 @@ def _sweep_settings(args: argparse.Namespace):
         reduction_factor=args.reduction_factor, concurrency=args.concurrency, cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial, storage=args.storage, preset=args.preset,
         overrides=parse_set_args(args.overrides), seed=args.seed, startup_trials=args.startup_trials,
-        max_failures=args.max_failures,
+        max_failures=args.max_failures, checkpoint_every=args.checkpoint_every,
         final_steps=args.final_steps, final_seeds=args.final_seeds)
 
 
@@ -248,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="the sampler's seed")
     p.add_argument("--startup-trials", type=int, default=10, help="random trials before TPE models the space")
     p.add_argument("--max-failures", type=int, default=2, help="restarts of a failed trial from its checkpoint")
+    p.add_argument("--checkpoint-every", type=int, default=1,
+                   help="checkpoint every Nth rung (always the last); 0 = the last only")
     p.add_argument("--final-steps", type=int, default=0, help="retrain the best and the reference at this budget")
     p.add_argument("--final-seeds", type=int, default=3, help="seeds per retrained recipe (run in parallel)")
     p.add_argument("--resume", action="store_true", help="continue the sweep in OUT/NAME after a crash")

@@ -69,7 +69,9 @@ def retrain_recipe(config: TrainConfig, out: Path, seeds: int, cpus: float = 1.0
     frame = retrain(out, {"recipe": config, "reference": reference_of(config)}, seeds, cpus, gpus, log=log)
     write_parquet(pd.DataFrame(frame, columns=list(schema.FINAL)).astype(schema.FINAL),
                   out / TABLES_DIR / "final.parquet")
-    return summarize_final(frame)
+    from jepatune.analysis.explore import compare_final
+
+    return compare_final(frame)
 
 
 def _run_one(config: dict[str, Any], out_dir: str) -> dict[str, Any]:
@@ -118,14 +120,6 @@ def _read_runs(final_dir: Path) -> list[dict[str, Any]]:
     from jepatune.analysis.tables import read_jsonl
 
     return read_jsonl(final_dir / RUNS_NAME)
-
-
-def summarize_final(final: pd.DataFrame) -> pd.DataFrame:
-    """Mean, spread and count of the post-quant val_bpb per recipe."""
-    if final.empty:
-        return final
-    return (final.groupby("recipe")["val_bpb"].agg(["mean", "std", "min", "count"])
-            .sort_values("mean").reset_index())
 
 
 # --- several workers for one run: Ray Train -------------------------------------------------

@@ -58,6 +58,7 @@ class SweepSettings:
     seed: int = 0  # the sampler's seed
     startup_trials: int = 10  # random trials before TPE models the space
     max_failures: int = 2  # restarts of a failed trial from its last checkpoint
+    checkpoint_every: int = 1  # checkpoint every Nth rung (and always the last); 0 = only the last
     final_steps: int = 0  # retrain budget; 0 = no retrain
     final_seeds: int = 3
 
@@ -75,6 +76,8 @@ class SweepSettings:
         for key in ("samples", "trial_steps", "concurrency", "final_seeds"):
             if getattr(self, key) < 1:
                 raise JepatuneError(f"--{key.replace('_', '-')}={getattr(self, key)}: must be at least 1")
+        if self.checkpoint_every < 0:
+            raise JepatuneError(f"--checkpoint-every={self.checkpoint_every}: must be 0 (last rung only) or more")
         if self.reduction_factor < 2:
             raise JepatuneError(f"--reduction-factor={self.reduction_factor}: must be at least 2")
         if self.grace_steps < 0 or self.grace_steps > self.trial_steps:
@@ -178,7 +181,8 @@ def _build_tuner(settings: SweepSettings, config, space, restore: bool):
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=config.to_dict(), trial_steps=settings.trial_steps,
-                             rungs=settings.rungs, cache_dir=str(settings.folder / CACHE_DIR)),
+                             rungs=settings.rungs, cache_dir=str(settings.folder / CACHE_DIR),
+                             checkpoint_every=settings.checkpoint_every),
         trial_resources(settings.cpus_per_trial, settings.gpus_per_trial))
     path = ray_experiment_path(settings)
     if restore:
@@ -271,8 +275,9 @@ def prune_checkpoints(experiment: str) -> int:
 def finalize(folder: str | os.PathLike, *, final_steps: int = 0, final_seeds: int = 0, log=print):
     """Retrain the sweep's best recipe and the reference at full budget, then rebuild the tables.
     Returns the final table summarised per recipe."""
+    from jepatune.analysis.explore import compare_final
     from jepatune.analysis.tables import load_tables, write_tables
-    from jepatune.search.retrain import best_trial, recipe_config, retrain, summarize_final, write_best
+    from jepatune.search.retrain import best_trial, recipe_config, retrain, write_best
     from jepatune.search.trainable import KNOBS
 
     folder = Path(folder).resolve()
@@ -292,27 +297,24 @@ def finalize(folder: str | os.PathLike, *, final_steps: int = 0, final_seeds: in
     _ensure_ray()
     retrain(folder, runs, seeds, settings.cpus_per_trial, settings.gpus_per_trial, log=log)
     write_tables(folder)
-    return summarize_final(load_tables(folder)["final"])
+    return compare_final(load_tables(folder)["final"])
 
 
 def leaderboard(folder: str | os.PathLike, k: int = 5) -> str:
     """The top trials and the final retrain, as text for the terminal."""
-    from jepatune.analysis.tables import load_tables
-    from jepatune.search.retrain import summarize_final
-    from jepatune.search.trainable import KNOBS
+    from jepatune.analysis import explore
 
-    tables = load_tables(folder)
-    trials = tables["trials"]
-    knobs = [c for c in trials.columns if c in KNOBS]
+    tables = explore.load(folder)
+    trials = tables.trials
     counts = trials["status"].value_counts().to_dict()
-    done = trials[trials["status"] == "completed"].sort_values("last_val_bpb").head(k)
-    with_pd_options = done[["trial_id", "last_val_bpb", *knobs]].rename(columns={"last_val_bpb": "val_bpb"})
+    top = explore.leaderboard(trials, k=k).drop(columns=["status", "device_s"])
     lines = [f"{len(trials)} trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())),
-             "top trials (full budget):", with_pd_options.to_string(index=False, float_format=lambda v: f"{v:.4g}")]
-    final = summarize_final(tables["final"])
+             "top trials (full budget; is_reference marks the reference recipe):",
+             top.to_string(index=False, float_format=lambda v: f"{v:.4g}")]
+    final = explore.compare_final(tables.final)
     if not final.empty:
-        lines += ["final retrain (val_bpb after the int8+zlib round trip, full val split):",
-                  final.to_string(index=False, float_format=lambda v: f"{v:.4f}")]
+        lines += ["final retrain (val_bpb after the int8+zlib round trip, full val split; delta vs reference "
+                  "with a paired 95% CI):", final.to_string(index=False, float_format=lambda v: f"{v:.4f}")]
     return "\n".join(lines)
 
 

@@ -68,8 +68,9 @@ def _report_cached(cached: dict[str, Any]) -> None:
 
 
 def run_trial(suggestion: dict[str, Any], *, base: dict[str, Any], trial_steps: int, rungs: tuple[int, ...],
-              cache_dir: str) -> None:
-    """The function Ray runs for each trial (see module docstring)."""
+              cache_dir: str, checkpoint_every: int = 1) -> None:
+    """The function Ray runs for each trial (see module docstring). A checkpoint travels with
+    every `checkpoint_every`-th rung's report and always with the last."""
     node = _node_id()
     if "_infeasible" in suggestion:  # rejected by the space's constraints: no training spent
         tune.report({METRIC: PENALTY_BPB, TIME_ATTR: 0, "tokens": 0, "status": "infeasible",
@@ -103,7 +104,9 @@ def run_trial(suggestion: dict[str, Any], *, base: dict[str, Any], trial_steps: 
             if done:  # a restart from this checkpoint, or a re-suggestion of the recipe, re-reports instead
                 atomic_write_text(ckpt_dir / RESULT_NAME, json.dumps(out))
                 atomic_write_text(cache, json.dumps(out))
-            tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
+            rung = rungs.index(metrics["step"]) + 1 if metrics["step"] in rungs else 0
+            keep = done or (checkpoint_every > 0 and rung % checkpoint_every == 0)
+            tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)) if keep else None)
 
         # Every write happens before its `tune.report`: a report blocks until the driver asks for
         # more, and ASHA stops a trial at its last report (step >= max_t), so code after the final

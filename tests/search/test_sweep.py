@@ -17,7 +17,8 @@ def sweep(tmp_path_factory, demo_data, sweep_knobs, local_ray):
     """One 8-trial sweep of the tiny model with a 2-seed retrain, shared by the tests below."""
     out = tmp_path_factory.mktemp("sweep")
     settings = SweepSettings(data=str(demo_data), out=str(out), samples=8, trial_steps=16, concurrency=2,
-                             overrides=sweep_knobs, startup_trials=4, final_steps=16, final_seeds=2)
+                             overrides=sweep_knobs, startup_trials=4, final_steps=16, final_seeds=2,
+                             checkpoint_every=2)
     run_sweep(settings)
     summary = finalize(settings.folder)
     return settings, load_tables(settings.folder), summary
@@ -119,3 +120,18 @@ def test_retrain_a_recipe_file_beside_its_reference(sweep, tmp_path):
     assert recipe["jepa_pure_frac"] == best.jepa_pure_frac
     # the reference recipe at the same shape and budget
     assert reference["jepa_pure_frac"] == TrainConfig().jepa_pure_frac and reference["model_dim"] == 32
+
+
+def test_checkpoint_every_second_rung_and_the_last(sweep):
+    from jepatune.analysis.tables import read_trials
+    from jepatune.search.sweep import ray_experiment_path
+
+    settings, _, _ = sweep
+    assert settings.rungs == (2, 4, 8, 16)
+    seen = 0
+    for trial in read_trials(ray_experiment_path(settings)):
+        for r in trial["reports"]:
+            if "step" in r and not r.get("cached"):
+                seen += 1
+                assert (r.get("checkpoint_dir_name") is not None) == (r["step"] in (4, 16)), r
+    assert seen > settings.samples
