@@ -18,6 +18,7 @@ _EXPORTS = {
     **{name: "jepatune.analysis.explore" for name in (
         "Tables", "load", "leaderboard", "knob_columns", "marginals", "importance", "spearman",
         "rung_correlation", "compare_final")},
+    **{name: "jepatune.analysis.optuna_io" for name in ("export_study", "import_study", "journal_storage")},
 }
 
 __all__ = sorted(_EXPORTS)

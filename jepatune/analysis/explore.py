@@ -103,7 +103,8 @@ def leaderboard(trials: pd.DataFrame, k: int = 10, include_pruned: bool = False)
 
 def _is_log(values: pd.Series) -> bool:
     """A log-scale parameter: all positive, spanning more than one decade."""
-    return bool(len(values)) and values.min() > 0 and values.max() / values.min() > 10
+    return bool(len(values) and values.min() > 0 and values.max() / values.min() > 10)  # a Python bool: it is
+    # written into Optuna journals, which refuse numpy's
 
 
 def _is_numeric(values: pd.Series) -> bool:
