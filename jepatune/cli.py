@@ -182,6 +182,31 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """The leaderboard, then what each knob is worth and how far the pruning can be trusted."""
+    from jepatune.analysis import explore
+    from jepatune.search.sweep import leaderboard, read_settings
+
+    folder = read_settings(args.folder).folder  # a clear error when it is not a sweep
+    print(leaderboard(folder, k=args.top))
+    tables = explore.load(folder)
+    fmt = {"index": False, "float_format": lambda v: f"{v:.4g}"}
+    for knob in explore.knob_columns(tables.trials):
+        try:
+            print(f"\nBPB by {knob} (completed trials):\n" + explore.marginals(tables.trials, knob).to_string(**fmt))
+        except JepatuneError as e:
+            print(f"\nBPB by {knob}: {e}")
+    try:
+        imp = explore.importance(tables.trials, evaluator="ped-anova")
+        print("\nknob importance (Optuna PED-ANOVA):\n" + imp.to_string(**fmt))
+    except JepatuneError as e:
+        print(f"\nknob importance: {e}")
+    rungs = explore.rung_correlation(tables.trials, tables.curves, tables.decisions)
+    print("\nhow well each ASHA rung predicts the final BPB (Spearman over completed trials):\n"
+          + rungs.to_string(**fmt))
+    return 0
+
+
 # --- demo -----------------------------------------------------------------------------------
 
 DEMO_SWEEP = dict(name="sweep", space="curriculum", samples=12, trial_steps=120, concurrency=2, preset="demo",
@@ -262,6 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, help="for a recipe: its byte-shard folder (default: the recipe's)")
     p.add_argument("--out", type=Path, default=Path("runs/retrain"), help="for a recipe: the output folder")
     p.set_defaults(fn=cmd_retrain)
+
+    p = sub.add_parser("analyze", help="print a sweep's leaderboard, knob marginals, importance, rung correlation")
+    p.add_argument("folder", type=Path, help="a sweep folder")
+    p.add_argument("--top", type=int, default=10, help="trials on the leaderboard")
+    p.set_defaults(fn=cmd_analyze)
 
     p = sub.add_parser("data", help="build byte-level shard folders")
     dsub = p.add_subparsers(dest="source", required=True)

@@ -135,3 +135,22 @@ def test_checkpoint_every_second_rung_and_the_last(sweep):
                 seen += 1
                 assert (r.get("checkpoint_dir_name") is not None) == (r["step"] in (4, 16)), r
     assert seen > settings.samples
+
+
+def test_analyze_prints_the_leaderboard_and_the_evidence(sweep, capsys):
+    from jepatune.cli import main
+
+    settings, tables, _ = sweep
+    assert main(["analyze", str(settings.folder)]) == 0
+    out = capsys.readouterr().out
+    best = tables["trials"].query("status == 'completed'").sort_values("last_val_bpb").iloc[0]
+    assert best["trial_id"] in out and "final retrain" in out
+    assert "BPB by jepa_pure_frac" in out and "knob importance" in out
+    assert "ASHA rung predicts" in out and all(f"\n {r:>4} " in out or f"\n{r:>5} " in out for r in (2, 4, 8))
+
+
+def test_analyze_of_a_folder_that_is_not_a_sweep(tmp_path, capsys):
+    from jepatune.cli import main
+
+    assert main(["analyze", str(tmp_path)]) == 2
+    assert "not a jepatune sweep" in capsys.readouterr().err
