@@ -30,6 +30,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+def unwritable_ancestor(path: str | os.PathLike) -> Path | None:
+    """The nearest existing folder at or above `path` when it cannot be written, else None:
+    a check that an output can be created before any work starts, without creating it."""
+    probe = Path(path).resolve()
+    while not probe.exists():
+        probe = probe.parent
+    return None if os.access(probe, os.W_OK) else probe
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

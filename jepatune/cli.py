@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from jepatune.atomic import unwritable_ancestor
 from jepatune.errors import ConfigError, JepatuneError
 
 DEMO_OUT = "runs/demo"
@@ -54,10 +55,7 @@ def _prepare_out(out: Path, resume: bool = False) -> Path:
     out = out.resolve()
     if out.exists() and not out.is_dir():
         raise JepatuneError(f"--out {out} is a file; give a folder")
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
+    if (probe := unwritable_ancestor(out)) is not None:
         raise JepatuneError(f"--out {out}: {probe} is not writable; choose another folder")
     if not resume and out.is_dir() and any(out.glob("summary.json")):
         raise JepatuneError(f"--out {out} already holds a finished run; choose a new folder or delete it")

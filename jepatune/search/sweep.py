@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jepatune.atomic import atomic_write_text
+from jepatune.atomic import atomic_write_text, unwritable_ancestor
 from jepatune.errors import JepatuneError
 
 SETTINGS_NAME = "sweep.json"
@@ -95,10 +95,7 @@ def check_storage(storage: str) -> None:
         if not storage.startswith(f"{parsed.scheme}://") or not parsed.netloc:
             raise JepatuneError(f"--storage {storage!r}: malformed URI; write it as {parsed.scheme}://bucket/path")
         return
-    probe = Path(storage).resolve()
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
+    if (probe := unwritable_ancestor(storage)) is not None:
         raise JepatuneError(f"--storage {storage!r}: {probe} is not writable; choose a shared folder you can write")
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import socket
 import tempfile
 import time
@@ -155,7 +154,3 @@ def _node_id() -> str:
 def trial_resources(cpus: float, gpus: float) -> dict[str, float]:
     """Ray counts an omitted CPU as 0: always name both."""
     return {"cpu": cpus, "gpu": gpus}
-
-
-def default_cpus() -> int:
-    return max(1, (os.cpu_count() or 2) // 2)

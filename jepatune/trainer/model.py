@@ -197,11 +197,3 @@ def build_model(config: TrainConfig) -> GPT:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def cast_for_precision(model: GPT, bf16: bool) -> GPT:
-    """The reference's mixed precision: the embedding table in bf16, linear weights and
-    control/vector parameters in fp32 (cast at matmul time under bf16 autocast)."""
-    if bf16:
-        model.tok_emb.to(torch.bfloat16)
-    return model
