@@ -36,7 +36,7 @@ def unwritable_ancestor(path: str | os.PathLike) -> Path | None:
     probe = Path(path).resolve()
     while not probe.exists():
         probe = probe.parent
-    return None if os.access(probe, os.W_OK) else probe
+    return None if probe.is_dir() and os.access(probe, os.W_OK) else probe  # a file is no folder to write in
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

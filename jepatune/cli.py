@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from jepatune.atomic import unwritable_ancestor
 from jepatune.errors import ConfigError, JepatuneError
@@ -56,7 +57,7 @@ def _prepare_out(out: Path, resume: bool = False) -> Path:
     if out.exists() and not out.is_dir():
         raise JepatuneError(f"--out {out} is a file; give a folder")
     if (probe := unwritable_ancestor(out)) is not None:
-        raise JepatuneError(f"--out {out}: {probe} is not writable; choose another folder")
+        raise JepatuneError(f"--out {out}: {probe} is not a writable folder; choose another folder")
     if not resume and out.is_dir() and any(out.glob("summary.json")):
         raise JepatuneError(f"--out {out} already holds a finished run; choose a new folder or delete it")
     return out
@@ -131,8 +132,10 @@ def _sweep_settings(args: argparse.Namespace):
         reduction_factor=args.reduction_factor, concurrency=args.concurrency, cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial, storage=args.storage, preset=args.preset,
         overrides=parse_set_args(args.overrides), seed=args.seed, startup_trials=args.startup_trials,
-        max_failures=args.max_failures, checkpoint_every=args.checkpoint_every,
-        final_steps=args.final_steps, final_seeds=args.final_seeds)
+        max_failures=args.max_failures, checkpoint_every=args.checkpoint_every, fidelity=args.fidelity,
+        probe_steps=args.probe_steps, audit_frac=args.audit_frac,
+        final_steps=args.final_steps, final_seeds=args.final_seeds, sampler=args.sampler,
+        scheduler="none" if args.no_pruning else "asha")
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -181,19 +184,23 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    """The leaderboard, then what each knob is worth and how far the pruning can be trusted."""
+    """The leaderboard, then what each knob is worth and how far the pruning can be trusted; then
+    report.md with its figures. An ablation folder gets its report only."""
     from jepatune.analysis import explore
+    from jepatune.analysis.replay import sweep_replays
+    from jepatune.analysis.report import ABLATION_NAME, SETTINGS_NAME, write_report
     from jepatune.search.sweep import leaderboard, read_settings
 
+    if (args.folder / ABLATION_NAME).is_file() and not (args.folder / SETTINGS_NAME).is_file():
+        _print_report(write_report(args.folder, log=print))
+        return 0
     folder = read_settings(args.folder).folder  # a clear error when it is not a sweep
     print(leaderboard(folder, k=args.top))
     tables = explore.load(folder)
     fmt = {"index": False, "float_format": lambda v: f"{v:.4g}"}
     for knob in explore.knob_columns(tables.trials):
-        try:
-            print(f"\nBPB by {knob} (completed trials):\n" + explore.marginals(tables.trials, knob).to_string(**fmt))
-        except JepatuneError as e:
-            print(f"\nBPB by {knob}: {e}")
+        m = explore.marginals(tables.trials, knob)
+        print(f"\nBPB by {knob} (completed trials):\n" + (m.to_string(**fmt) if len(m) else "no completed trial yet"))
     try:
         imp = explore.importance(tables.trials, evaluator="ped-anova")
         print("\nknob importance (Optuna PED-ANOVA):\n" + imp.to_string(**fmt))
@@ -202,6 +209,43 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     rungs = explore.rung_correlation(tables.trials, tables.curves, tables.decisions)
     print("\nhow well each ASHA rung predicts the final BPB (Spearman over completed trials):\n"
           + rungs.to_string(**fmt))
+    print("\nfalse stops, from audit trials (stopped by ASHA, run to the end anyway; Wilson 95% interval):\n"
+          + explore.false_stops(tables.trials).to_string(**fmt))
+    settings = read_settings(folder)
+    replays = sweep_replays(tables.curves, tables.trials, settings.rungs, settings.fidelity, settings.probe_length)
+    if not replays.empty:
+        print("\nother ASHA settings replayed on the completed trials' curves (100 random orders):\n"
+              + replays.to_string(**fmt))
+    _print_report(write_report(folder, log=print))
+    return 0
+
+
+def _print_report(path: Path) -> None:
+    from jepatune.analysis.report import FIGURES_DIR
+
+    print(f"\nreport: {path} (figures in {path.parent / FIGURES_DIR}/)")
+
+
+# --- ablate ---------------------------------------------------------------------------------
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from jepatune.search.ablate import AblationSettings, describe, run_ablation
+    from jepatune.trainer.config import parse_set_args
+
+    def resolved(path: Path | None) -> str | None:
+        return str(path.resolve()) if path is not None else None
+
+    base = args.base if args.base in (None, "best", "reference") else resolved(Path(args.base))
+    settings = AblationSettings(
+        base=base, factors=tuple(args.factors), presets=tuple(args.presets), sweep=resolved(args.sweep),
+        data=resolved(args.data), model_preset=args.model_preset, overrides=parse_set_args(args.overrides),
+        seeds=args.seeds, steps=args.steps, out=resolved(args.out), name=args.name, concurrency=args.concurrency,
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, max_failures=args.max_failures)
+    _prepare_out(settings.folder, resume=True)
+    t0 = time.perf_counter()
+    table = run_ablation(settings, resume=args.resume)
+    print(describe(table))
+    print(f"ablation finished in {time.perf_counter() - t0:.0f}s; folder {settings.folder} (tables in tables/)")
     return 0
 
 
@@ -212,7 +256,8 @@ DEMO_SWEEP = dict(name="sweep", space="curriculum", samples=12, trial_steps=120,
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The whole pipeline on CPU in a few minutes: corpus, sweep, retrain, tables, leaderboard."""
+    """The whole pipeline on CPU in a few minutes: corpus, sweep, retrain, tables, leaderboard, report."""
+    from jepatune.analysis.report import write_report
     from jepatune.search.sweep import SweepSettings, finalize, leaderboard, run_sweep
     from jepatune.trainer import corpora
 
@@ -231,14 +276,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(leaderboard(settings.folder))
     print(f"experiment folder: {settings.folder}\n  tables: {settings.folder / 'tables'}/"
           f"{{trials,curves,decisions,final}}.parquet\n  best recipe: {settings.folder / 'best.toml'}")
+    print(f"  report: {write_report(settings.folder, log=print)} (figures in report/)")
     print(f"demo finished in {time.perf_counter() - t0:.0f}s")
     return 0
 
 
 # --- entry point ----------------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors (a missing option, a bad number) as one line too: what is wrong, and
+    where the usage is, rather than the usage printed ahead of it."""
+
+    def error(self, message: str) -> NoReturn:
+        raise JepatuneError(f"{message}; see `{self.prog} --help`")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jepatune", description=__doc__.splitlines()[0].strip("`"))
+    from jepatune.search.sweep import FIDELITIES  # a light module: no Ray, no torch
+
+    parser = _Parser(prog="jepatune", description=__doc__.splitlines()[0].strip("`"))
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="the whole pipeline on CPU: demo corpus, a 12-trial sweep, retrain, tables")
@@ -266,10 +322,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=2, help="trials at once")
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--gpus-per-trial", type=float, default=0.0, help="0.5 packs two trials per GPU")
-    p.add_argument("--grace-steps", type=int, default=0, help="first ASHA rung in steps (0 = trial-steps / 8)")
+    p.add_argument("--grace-steps", type=int, default=0, help="first ASHA rung in steps (0 = trial-steps / 4)")
     p.add_argument("--reduction-factor", type=int, default=2, help="ASHA keeps 1 / this at each rung")
     p.add_argument("--seed", type=int, default=0, help="the sampler's seed")
     p.add_argument("--startup-trials", type=int, default=10, help="random trials before TPE models the space")
+    p.add_argument("--sampler", choices=("tpe", "random"), default="tpe", help="how recipes are suggested")
+    p.add_argument("--no-pruning", action="store_true", help="no ASHA: every trial runs its full budget")
+    p.add_argument("--fidelity", default="snapshot", choices=FIDELITIES,
+                   help="what a rung measures: the running model (snapshot), a whole curriculum compressed to the "
+                        "rung's budget (restart), or a short pure-CE cool-down branch (probe)")
+    p.add_argument("--probe-steps", type=int, default=0, help="probe fidelity: cool-down steps (0 = half the "
+                   "first rung)")
+    p.add_argument("--audit-frac", type=float, default=0.05,
+                   help="share of ASHA's stops run to the end anyway, to estimate its false-stop rate")
     p.add_argument("--max-failures", type=int, default=2, help="restarts of a failed trial from its checkpoint")
     p.add_argument("--checkpoint-every", type=int, default=1,
                    help="checkpoint every Nth rung (always the last); 0 = the last only")
@@ -286,10 +351,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/retrain"), help="for a recipe: the output folder")
     p.set_defaults(fn=cmd_retrain)
 
-    p = sub.add_parser("analyze", help="print a sweep's leaderboard, knob marginals, importance, rung correlation")
-    p.add_argument("folder", type=Path, help="a sweep folder")
+    p = sub.add_parser("analyze", help="print a sweep's leaderboard, knob marginals, importance, rung correlation; "
+                                       "write DIR/report.md with its figures")
+    p.add_argument("folder", type=Path, help="a sweep folder, or an ablation folder (its report only)")
     p.add_argument("--top", type=int, default=10, help="trials on the leaderboard")
     p.set_defaults(fn=cmd_analyze)
+
+    p = sub.add_parser("ablate", help="a recipe and single-factor changes of it, several seeds each, paired by seed")
+    p.add_argument("--base", help="best (the --sweep's best recipe; the default with --sweep), reference (the "
+                   "default otherwise), or a TOML recipe")
+    p.add_argument("--factor", dest="factors", action="append", default=[], metavar="KEY=V1,V2",
+                   help="one variant per value of a knob, e.g. --factor regularizer=lejepa,none (repeatable)")
+    p.add_argument("--preset", dest="presets", action="append", default=[], metavar="NAME",
+                   help="built-in variants: jepa-vs-ce, regularizer, swa (repeatable, combinable with --factor)")
+    p.add_argument("--sweep", type=Path, help="a sweep folder: its best recipe, its searched SWA start")
+    p.add_argument("--data", type=Path, help="byte-shard folder (default: the base recipe's)")
+    p.add_argument("--model-preset", help="the model of --base reference: " + ", ".join(_preset_names()))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a knob of the base, hence of every variant (repeatable)")
+    p.add_argument("--seeds", type=int, default=3, help="runs per variant; seed k pairs the variants' runs")
+    p.add_argument("--steps", type=int, default=0, help="each run's budget (default: the base recipe's)")
+    p.add_argument("--out", type=Path, help="where the ablation folder goes (default: SWEEP/ablations with "
+                   "--sweep, else runs/ablations)")
+    p.add_argument("--name", help="ablation folder name (default: the preset names, else ablation)")
+    p.add_argument("--concurrency", type=int, default=2, help="runs at once")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=float, default=0.0)
+    p.add_argument("--max-failures", type=int, default=1, help="restarts of a run that raised")
+    p.add_argument("--resume", action="store_true", help="continue the ablation recorded in the folder")
+    p.set_defaults(fn=cmd_ablate)
 
     p = sub.add_parser("data", help="build byte-level shard folders")
     dsub = p.add_subparsers(dest="source", required=True)
@@ -312,8 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.fn(args)
     except JepatuneError as e:
         print(f"jepatune: error: {e}", file=sys.stderr)

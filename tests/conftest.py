@@ -15,6 +15,14 @@ TINY = dict(
 )
 
 
+def tiny_sets(**extra) -> list[str]:
+    """`--set key=value` for every TINY knob (and `extra`), as a user types them on the command line."""
+    def text(v) -> str:
+        return ",".join(map(str, v)) if isinstance(v, tuple) else str(v).lower() if isinstance(v, bool) else str(v)
+
+    return [a for k, v in {**TINY, **extra}.items() for a in ("--set", f"{k}={text(v)}")]
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
     from jepatune.trainer.corpora import build_demo
@@ -47,15 +55,45 @@ def sweep_knobs() -> dict:
     return {k: v for k, v in TINY.items() if k not in searched}
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray for the search tests: started once; a test that needs a cluster shuts it
-    down, and the next test that needs the local one starts it again."""
+def _local_ray():
     import ray
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, log_to_driver=False, configure_logging=False, include_dashboard=False)
     return ray
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for the search tests: started once; a test that needs a cluster shuts it
+    down, and the next test that needs the local one starts it again."""
+    return _local_ray()
+
+
+@pytest.fixture(scope="session")
+def finished_sweep_folder(tmp_path_factory, demo_data, sweep_knobs):
+    """One finished sweep, built once per test session: 8 trials of the tiny model over the curriculum
+    space (16 steps, rungs 2, 4, 8, 16, a checkpoint every second rung), then a 2-seed retrain at 16 steps. Tests read a
+    copy of it (`copy_sweep`), so that none sees another's changes."""
+    from jepatune.search.sweep import SweepSettings, finalize, run_sweep
+
+    _local_ray()
+    settings = SweepSettings(data=str(demo_data), out=str(tmp_path_factory.mktemp("finished")), samples=8,
+                             trial_steps=16, grace_steps=2, concurrency=2, overrides=sweep_knobs,
+                             startup_trials=4, final_steps=16, final_seeds=2, checkpoint_every=2)
+    run_sweep(settings)
+    finalize(settings.folder, log=lambda _: None)
+    return settings.folder
+
+
+def copy_sweep(source, into):
+    """A copy of the sweep folder `source` under `into`; returns its SweepSettings."""
+    import shutil
+
+    from jepatune.search.sweep import read_settings
+
+    shutil.copytree(source, into / source.name, symlinks=True)
+    return read_settings(into / source.name)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -1,4 +1,5 @@
-"""The `jepatune` command: run in-process through `main()`, and once as a real process."""
+"""The `jepatune` command: run in-process through `main()`, and once as a real process. Its answers
+to bad input are in tests/test_bad_input.py."""
 
 from __future__ import annotations
 
@@ -13,32 +14,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from conftest import TINY
+from conftest import TINY, tiny_sets
 
 from jepatune.cli import main
 from jepatune.trainer.config import TrainConfig, load_config
-from jepatune.trainer.data import find_shards, write_shard
+from jepatune.trainer.data import find_shards
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "ray", "optuna", "pandas")
-
-
-def _text(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, tuple):
-        return ",".join(str(v) for v in value)
-    return str(value)
-
-
-def tiny_sets(**extra) -> list[str]:
-    """`--set key=value` for every TINY knob (and `extra`), as a user would type them."""
-    args = []
-    for key, value in {**TINY, **extra}.items():
-        args += ["--set", f"{key}={_text(value)}"]
-    return args
 
 
 def run_main(argv: list[str]) -> tuple[int, str, str]:
@@ -47,17 +31,6 @@ def run_main(argv: list[str]) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(argv)
     return code, out.getvalue(), err.getvalue()
-
-
-def assert_one_error_line(capsys, code: int, *fragments: str) -> str:
-    captured = capsys.readouterr()
-    assert code == 2, captured
-    lines = captured.err.splitlines()
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith("jepatune: error:"), lines[0]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 # --- a real process: --help and the import stay light ---------------------------------------
@@ -145,13 +118,6 @@ def test_train_config_toml_loads_back_equal(trained):
     assert dataclasses.asdict(loaded) == dataclasses.asdict(trained["config"])
 
 
-def test_train_refuses_a_finished_run_folder(trained, capsys):
-    summary = (trained["out"] / "summary.json").read_bytes()
-    code = main(trained["argv"])
-    assert_one_error_line(capsys, code, "already holds a finished run")
-    assert (trained["out"] / "summary.json").read_bytes() == summary
-
-
 def test_train_resume_continues_from_the_checkpoint(trained, tmp_path):
     assert trained["code"] == 0
     out = tmp_path / "run"
@@ -170,126 +136,7 @@ def test_train_resume_continues_from_the_checkpoint(trained, tmp_path):
     assert [json.loads(line).get("final") for line in added] == [True]  # no eval repeated
 
 
-# --- bad input: one line on stderr, exit status 2, nothing written -------------------------------
-
-
-def _corrupt_data(tmp_path: Path, split: str) -> Path:
-    data = tmp_path / "data"
-    write_shard(data / "fineweb_train_000000.bin", np.arange(4096) % 256)
-    write_shard(data / "fineweb_val_000000.bin", np.arange(4096) % 256)
-    bad = data / f"fineweb_{split}_000001.bin"
-    write_shard(bad, np.arange(100))
-    bad.write_bytes(bad.read_bytes()[:-3])
-    return data
-
-
-def _case(tmp_path: Path, demo: Path, name: str) -> tuple[list[str], list[str]]:
-    """argv (before --out) and the fragments the error line must contain."""
-    data = ["--data", str(demo), *tiny_sets()]
-    if name == "unknown-key":
-        return [*data, "--set", "modl_dim=64"], ["modl_dim", "did you mean model_dim"]
-    if name == "set-syntax":
-        return [*data, "--set", "model_dim"], ["--set 'model_dim'", "key=value"]
-    if name == "out-of-range":
-        return [*data, "--set", "jepa_pure_frac=1.5"], ["jepa_pure_frac=1.5", "[0, 1]"]
-    if name == "bad-type":
-        return [*data, "--set", "model_dim=big"], ["model_dim='big'", "int"]
-    if name == "missing-data":
-        missing = tmp_path / "no-such-data"
-        return ["--data", str(missing), *tiny_sets()], [str(missing), "does not exist"]
-    if name == "data-without-shards":
-        empty = tmp_path / "empty-data"
-        empty.mkdir()
-        return ["--data", str(empty), *tiny_sets()], [str(empty), "no fineweb_train_", "jepatune data"]
-    if name in ("corrupt-train-shard", "corrupt-val-shard"):
-        split = name.split("-")[1]
-        folder = _corrupt_data(tmp_path, split)
-        return ["--data", str(folder), *tiny_sets()], [f"fineweb_{split}_000001.bin", "truncated"]
-    if name == "missing-config":
-        missing = tmp_path / "nope.toml"
-        return [*data, "--config", str(missing)], [str(missing), "does not exist"]
-    if name == "invalid-toml":
-        bad = tmp_path / "bad.toml"
-        bad.write_text("model_dim = = 3\n")
-        return [*data, "--config", str(bad)], [str(bad), "not valid TOML"]
-    if name == "unknown-preset":
-        return [*data, "--preset", "huge"], ["--preset 'huge'", "tiny"]
-    if name == "resume-without-checkpoint":
-        return [*data, "--resume"], ["--resume", "checkpoint.pt", "does not exist"]
-    raise AssertionError(name)
-
-
-BAD_TRAIN = ["unknown-key", "set-syntax", "out-of-range", "bad-type", "missing-data", "data-without-shards",
-             "corrupt-train-shard", "corrupt-val-shard", "missing-config", "invalid-toml", "unknown-preset",
-             "resume-without-checkpoint"]
-
-
-@pytest.mark.parametrize("name", BAD_TRAIN)
-def test_train_bad_input_is_one_line_and_writes_nothing(name, demo_data, tmp_path, capsys):
-    argv, fragments = _case(tmp_path, demo_data, name)
-    out = tmp_path / "out" / "run"
-    code = main(["train", *argv, "--out", str(out)])
-    assert_one_error_line(capsys, code, *fragments)
-    assert not out.exists() and not out.parent.exists()
-
-
-def test_train_out_is_a_regular_file(demo_data, tmp_path, capsys):
-    out = tmp_path / "run"
-    out.write_text("keep me")
-    code = main(["train", "--data", str(demo_data), *tiny_sets(), "--out", str(out)])
-    assert_one_error_line(capsys, code, str(out), "is a file")
-    assert out.read_text() == "keep me"
-
-
-# --- argparse's own errors -----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("argv, fragment", [
-    (["data", "text"], "files"),
-    (["data", "fineweb"], "--train-shards"),
-    (["data", "transpile", "sp"], "--tokenizer"),
-    (["data", "demo", "--train-mb", "lots"], "--train-mb"),
-    (["train", "--set"], "--set"),
-], ids=["text-without-files", "fineweb-without-train-shards", "transpile-without-tokenizer", "bad-float",
-        "set-without-value"])
-def test_argparse_errors_exit_2(argv, fragment, tmp_path, capsys):
-    out = tmp_path / "out"
-    with pytest.raises(SystemExit) as e:
-        main([*argv, "--out", str(out)] if argv[0] == "data" else argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert "error:" in err and fragment in err
-    assert not out.exists()
-
-
-def test_no_command_exits_2(capsys):
-    with pytest.raises(SystemExit) as e:
-        main([])
-    assert e.value.code == 2
-    assert "required" in capsys.readouterr().err
-
-
 # --- data ----------------------------------------------------------------------------------------
-
-
-def test_data_text_empty_file(tmp_path, capsys):
-    empty = tmp_path / "empty.txt"
-    empty.write_bytes(b"")
-    out = tmp_path / "shards"
-    code = main(["data", "text", str(empty), "--out", str(out)])
-    assert_one_error_line(capsys, code, str(empty), "empty")
-    assert not out.exists()
-
-
-def test_data_text_not_utf8(tmp_path, capsys):
-    good, bad = tmp_path / "good.txt", tmp_path / "latin1.txt"
-    good.write_text("plain text\n" * 50, encoding="utf-8")
-    bad.write_bytes("café crème\n".encode("latin-1") * 50)
-    out = tmp_path / "shards"
-    code = main(["data", "text", str(good), str(bad), "--out", str(out)])
-    assert_one_error_line(capsys, code, str(bad), "UTF-8")
-    assert not out.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.txt", "latin1.txt"]  # no staging left
 
 
 def test_data_text_builds_shards(tmp_path, capsys):
@@ -312,14 +159,6 @@ def test_data_demo(tmp_path, capsys):
     assert find_shards(out, "train") and find_shards(out, "val")
 
 
-def test_data_out_is_a_regular_file(tmp_path, capsys):
-    out = tmp_path / "d"
-    out.write_text("keep me")
-    code = main(["data", "demo", "--out", str(out), "--train-mb", "0.2", "--val-mb", "0.05"])
-    assert_one_error_line(capsys, code, str(out))
-    assert out.read_text() == "keep me"
-
-
 # --- --help-config ---------------------------------------------------------------------------------
 
 
@@ -330,32 +169,3 @@ def test_help_config_lists_every_knob(capsys):
         assert name in text
     listed = [line.split()[0] for line in text.splitlines() if line.strip()]
     assert listed == [f.name for f in dataclasses.fields(TrainConfig)]
-
-
-# --- search and retrain: bad input stops before Ray starts ------------------------------------
-
-
-@pytest.mark.parametrize("name", ["unknown-space", "no-data", "bad-set", "zero-samples", "resume-nothing",
-                                  "bad-storage", "bad-space-file"])
-def test_search_bad_input_is_one_line_and_writes_nothing(name, demo_data, tmp_path, capsys):
-    out = tmp_path / "out"
-    space_file = tmp_path / "space.toml"
-    space_file.write_text("[params.jepa_pure_frac]\nlow = 0.5\nhigh = 0.1\n")
-    base = ["search", "--data", str(demo_data), "--out", str(out)]
-    argv, fragments = {
-        "unknown-space": (base + ["--space", "curiculum"], ["curiculum"]),
-        "no-data": (["search", "--out", str(out)], ["--data"]),
-        "bad-set": (base + ["--set", "modl_dim=3"], ["model_dim"]),
-        "zero-samples": (base + ["--samples", "0"], ["--samples"]),
-        "resume-nothing": (["search", "--resume", "--out", str(out), "--name", "x"], ["not a jepatune sweep"]),
-        "bad-storage": (base + ["--storage", "s3:/bucket"], ["--storage"]),
-        "bad-space-file": (base + ["--space", str(space_file)], ["jepa_pure_frac"]),
-    }[name]
-    code = main(argv)
-    assert_one_error_line(capsys, code, *fragments)
-    assert not out.exists()
-
-
-def test_retrain_of_a_folder_that_is_not_a_sweep(tmp_path, capsys):
-    code = main(["retrain", str(tmp_path)])
-    assert_one_error_line(capsys, code, "not a jepatune sweep")

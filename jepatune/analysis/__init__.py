@@ -17,8 +17,13 @@ _EXPORTS = {
     "write_tables": "jepatune.analysis.tables",
     **{name: "jepatune.analysis.explore" for name in (
         "Tables", "load", "leaderboard", "knob_columns", "marginals", "importance", "spearman",
-        "rung_correlation", "compare_final")},
+        "rung_correlation", "compare_final", "false_stops", "wilson_interval")},
     **{name: "jepatune.analysis.optuna_io" for name in ("export_study", "import_study", "journal_storage")},
+    **{name: "jepatune.analysis.replay" for name in (
+        "replay_asha", "replay_summary", "replay_permutations", "orders_summary", "replay_orders", "replay_sweep",
+        "fidelity_cost")},
+    **{name: "jepatune.analysis.ablation" for name in ("ablation_table", "load_ablation")},
+    "write_report": "jepatune.analysis.report",
 }
 
 __all__ = sorted(_EXPORTS)

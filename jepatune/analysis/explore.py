@@ -222,7 +222,8 @@ def spearman(a: pd.Series, b: pd.Series) -> float:
 def rung_correlation(trials: pd.DataFrame, curves: pd.DataFrame, decisions: pd.DataFrame) -> pd.DataFrame:
     """How well each ASHA rung's ranking predicts the final one, over the completed trials.
 
-    Rungs: those in `decisions`, else the distinct curve steps below the trials' budget.
+    Rungs: the steps ASHA judged at (`decisions.step`, the budget position; under the `restart`
+    fidelity each rung is a run of that many steps), else the distinct curve steps below the budget.
     `best_stopped_here` is True when the best completed trial's val_bpb at the rung is worse
     (greater) than the most lenient (largest) cut-off recorded at that rung: whenever ASHA judged a
     trial there, it would have stopped that one. False when the rung has no cut-off or no value.
@@ -232,8 +233,9 @@ def rung_correlation(trials: pd.DataFrame, curves: pd.DataFrame, decisions: pd.D
     stopped at the rung)."""
     done = _completed(trials)
     final = done.set_index("trial_id")["last_val_bpb"].astype(float)
+    judged_at = decisions["step"].fillna(decisions["rung"])  # rows written without a step: the rung itself
     if len(decisions):
-        rungs = sorted({int(r) for r in decisions["rung"].dropna()})
+        rungs = sorted({int(r) for r in judged_at.dropna()})
     else:
         budget = trials["trial_steps"].max() if len(trials) else 0
         rungs = sorted({int(s) for s in curves["step"].dropna() if pd.notna(budget) and s < budget})
@@ -243,10 +245,11 @@ def rung_correlation(trials: pd.DataFrame, curves: pd.DataFrame, decisions: pd.D
         at = curves[curves["step"].eq(rung).fillna(False).astype(bool).to_numpy()]
         at = at.drop_duplicates("trial_id", keep="last").set_index("trial_id")["val_bpb"].astype(float)
         both = pd.concat([at, final], axis=1, join="inner", keys=["rung", "final"]).dropna()
-        judged = decisions[decisions["rung"].eq(rung).fillna(False).astype(bool).to_numpy()]
+        judged = decisions[judged_at.eq(rung).fillna(False).astype(bool).to_numpy()]
         cutoff = float(judged["cutoff"].max()) if judged["cutoff"].notna().any() else math.nan
         value = at.get(best, math.nan) if best is not None else math.nan
-        stopped = judged.loc[judged["decision"].eq("stop").fillna(False).astype(bool).to_numpy(), "trial_id"]
+        stopped = judged.loc[judged["decision"].isin(("stop", "audit")).fillna(False).astype(bool).to_numpy(),
+                             "trial_id"]
         rows.append({"rung": rung, "n": len(both),
                      "spearman": spearman(both["rung"], both["final"]) if len(both) >= 3 else math.nan,
                      "cutoff": cutoff, "best_stopped_here": bool(value > cutoff), "stopped": stopped.nunique()})
@@ -254,6 +257,34 @@ def rung_correlation(trials: pd.DataFrame, curves: pd.DataFrame, decisions: pd.D
     return pd.DataFrame(rows, columns=columns).astype({"rung": "Int64", "n": "Int64", "spearman": float,
                                                        "cutoff": float, "best_stopped_here": bool,
                                                        "stopped": "Int64"})
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score 95% interval of a proportion k / n (sound at 0 or n successes, small n)."""
+    if n == 0:
+        return math.nan, math.nan
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def false_stops(trials: pd.DataFrame) -> pd.DataFrame:
+    """How often ASHA's stops were wrong, estimated from the audit trials (stopped by the rule, run
+    to the end anyway). A stop is false when the audited trial's final val_bpb beats the median final
+    val_bpb of the trials ASHA itself let run to the end. One row: audited, false_stops, rate and
+    its Wilson 95% interval (ci_low, ci_high), beat_best (audited trials better than every trial
+    ASHA kept), kept (trials ASHA let finish). Rate and interval are NaN with no audit or no kept trial."""
+    done = _completed(trials)
+    audited = done["audited"].fillna(False).astype(bool) if "audited" in done else pd.Series(False, index=done.index)
+    kept = done.loc[~audited.to_numpy(), "last_val_bpb"].astype(float)
+    checked = done.loc[audited.to_numpy(), "last_val_bpb"].astype(float)
+    n = len(checked) if len(kept) else 0
+    k = int((checked < kept.median()).sum()) if n else 0
+    low, high = wilson_interval(k, n)
+    return pd.DataFrame([{"audited": len(checked), "false_stops": k, "rate": k / n if n else math.nan,
+                          "ci_low": low, "ci_high": high,
+                          "beat_best": int((checked < kept.min()).sum()) if len(kept) else 0, "kept": len(kept)}])
 
 
 def t_quantile_975(df: int) -> float:
@@ -270,7 +301,8 @@ def t_quantile_975(df: int) -> float:
 
 def compare_final(final: pd.DataFrame, reference: str = "reference") -> pd.DataFrame:
     """The final retrain per recipe, each against `reference`, over runs that finished
-    (status "completed" or unknown) with a val_bpb.
+    (status "completed" or unknown) with a val_bpb. When the table holds retrains at several budgets
+    (`steps`), only those at the newest retrain's budget (its last row's) are compared.
 
     delta = mean val_bpb of the recipe - mean of the reference (negative: better). When both ran the
     same seeds (2 or more, once each), ci_low/ci_high is the 95% t interval of the per-seed
@@ -279,6 +311,8 @@ def compare_final(final: pd.DataFrame, reference: str = "reference") -> pd.DataF
     Columns: recipe, mean, std, count, delta (NaN for the reference itself, or with no reference),
     ci_low, ci_high, paired."""
     columns = ["recipe", "mean", "std", "count", "delta", "ci_low", "ci_high", "paired"]
+    if "steps" in final and final["steps"].nunique() > 1:
+        final = final[final["steps"].eq(final["steps"].iloc[-1]).fillna(False).astype(bool).to_numpy()]
     ok = final[(final["status"].isna() | final["status"].eq("completed")).fillna(False).astype(bool).to_numpy()
                & final["val_bpb"].notna().to_numpy()]
     runs = {str(r): g.set_index("seed")["val_bpb"].astype(float) for r, g in ok.groupby("recipe")}

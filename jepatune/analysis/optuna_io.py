@@ -35,7 +35,7 @@ JOURNAL_NAME = "optuna.journal"
 TrialState = optuna.trial.TrialState
 # Table status -> Optuna state; incomplete trials are left out.
 STATES = {"completed": TrialState.COMPLETE, "diverged": TrialState.COMPLETE, "infeasible": TrialState.COMPLETE,
-          "pruned": TrialState.PRUNED, "errored": TrialState.FAIL}
+          "oom": TrialState.COMPLETE, "pruned": TrialState.PRUNED, "errored": TrialState.FAIL}
 
 
 def journal_storage(path: str | os.PathLike) -> optuna.storages.JournalStorage:

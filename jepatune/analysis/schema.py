@@ -11,12 +11,14 @@ TRIALS = {
     "best_val_bpb": "float64", "last_val_bpb": "float64", "step": "Int64", "trial_steps": "Int64",
     "tokens": "Int64", "train_s": "float64", "device_s": "float64", "flops": "float64", "params": "Int64",
     "node": "string", "error": "string", "reports": "Int64", "cached": "boolean", "restarts": "Int64",
+    "compute_steps": "Int64", "audited": "boolean",
 }
 CURVES = {
     "trial_id": "string", "training_iteration": "Int64", "step": "Int64", "tokens": "Int64", "val_bpb": "float64",
     "train_loss": "float64", "loss_ce": "float64", "loss_jepa": "float64", "loss_reg": "float64",
     "w_jepa": "float64", "w_ce": "float64", "w_reg": "float64", "stage": "Int64", "lr_mult": "float64",
-    "elapsed_s": "float64", "time": "float64",
+    "elapsed_s": "float64", "time": "float64", "compute_steps": "Int64", "snapshot_bpb": "float64",
+    "probe_bpb": "float64",
 }
 DECISIONS = {
     "trial_id": "string", "rung": "Int64", "step": "Int64", "value": "float64", "cutoff": "float64",
@@ -29,9 +31,22 @@ FINAL = {
     "elapsed_s": "float64", "config_key": "string",
 }
 TABLES = {"trials": TRIALS, "curves": CURVES, "decisions": DECISIONS, "final": FINAL}
+# An ablation folder's tables (jepatune.analysis.ablation): one row per run, then one per variant.
+ABLATION_RUNS = {
+    "variant": "string", "change": "string", "seed": "int64", "val_bpb": "float64", "prequant_bpb": "float64",
+    "steps": "int64", "status": "string", "trial_id": "string",
+}
+ABLATION = {
+    "variant": "string", "change": "string", "n": "int64", "mean_bpb": "float64", "std_bpb": "float64",
+    "delta": "float64", "ci_low": "float64", "ci_high": "float64", "significant": "bool",
+}
+ABLATION_TABLES = {"ablation_runs": ABLATION_RUNS, "ablation": ABLATION}
+# Run statuses of an ablation: scored / non-finite loss / raised an error.
+ABLATION_STATUSES = ("completed", "diverged", "errored")
 # Trial statuses: ran its whole budget / stopped by ASHA at a rung / non-finite loss / rejected by
-# a constraint before training / raised an error / still running when its driver stopped.
-STATUSES = ("completed", "pruned", "diverged", "infeasible", "errored", "incomplete")
+# a constraint before training / an allocation failed (the reason says which) / raised an error /
+# still running when its driver stopped.
+STATUSES = ("completed", "pruned", "diverged", "infeasible", "oom", "errored", "incomplete")
 
 
 def knob_dtype(py_type: object) -> str:

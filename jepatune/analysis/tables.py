@@ -32,7 +32,10 @@ TABLES_DIR = "tables"
 # Ray names trial folders <trainable>_<trial id>_<index>_<tag>; the index counts from 1 in creation order.
 TRIAL_FOLDER = re.compile(r"_([0-9a-f]{8}|[0-9a-f]{5}_\d{5})_(\d+)_")
 FINAL_RUNS = "final/runs.jsonl"
-STATUS_RANK = {s: i for i, s in enumerate(("completed", "diverged", "infeasible", "pruned", "errored", "incomplete"))}
+STATUS_RANK = {s: i for i, s in enumerate(("completed", "diverged", "infeasible", "oom", "pruned", "errored",
+                                            "incomplete"))}
+# Statuses whose last report is the penalty value the searcher was told, not a measured BPB.
+PENALIZED = ("diverged", "infeasible", "oom")
 
 
 def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
@@ -114,7 +117,7 @@ def metric_reports(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def trial_status(trial: dict[str, Any], trial_steps: int) -> str:
     reports = metric_reports(trial["reports"])
     last = reports[-1] if reports else {}
-    if last.get("status") in ("diverged", "infeasible"):
+    if last.get("status") in PENALIZED:
         return last["status"]
     if last.get("step", 0) >= trial_steps:
         return "completed"
@@ -136,9 +139,11 @@ def _typed(rows: list[dict[str, Any]], columns: dict[str, str]) -> pd.DataFrame:
 
 
 def build_trials(experiment: str, trial_steps: int, knobs: list[str],
-                 key_of: Callable[[dict[str, Any]], str | None] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                 key_of: Callable[[dict[str, Any]], str | None] | None = None,
+                 audited: frozenset[str] = frozenset()) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The `trials` and `curves` tables of the Ray experiment at `experiment`. `key_of` maps a
-    trial's params to its `config_key`, for folders with no report (orphaned before reporting)."""
+    trial's params to its `config_key`, for folders with no report (orphaned before reporting);
+    `audited` names the trials ASHA would have stopped but ran to the end as audits."""
     from jepatune.trainer.config import TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
@@ -148,7 +153,7 @@ def build_trials(experiment: str, trial_steps: int, knobs: list[str],
     for t in trials:
         reports = metric_reports(t["reports"])
         last = reports[-1] if reports else {}
-        values = [r["val_bpb"] for r in reports if r.get("status") not in ("diverged", "infeasible")]
+        values = [r["val_bpb"] for r in reports if r.get("status") not in PENALIZED]
         key = last.get("config_key") or (key_of(t["params"]) if key_of is not None else None)
         row = {
             "trial_id": t["trial_id"], "status": trial_status(t, trial_steps),
@@ -160,6 +165,8 @@ def build_trials(experiment: str, trial_steps: int, knobs: list[str],
             "error": _last_error_line(t["error"]) if t["error"] else last.get("reason"), "reports": len(reports),
             # answered from the finished-trial cache without training here (not: trained, then replayed)
             "cached": bool(reports) and all(r.get("cached", False) for r in reports), "restarts": t["restarts"],
+            "compute_steps": last.get("compute_steps", last.get("step")),
+            "audited": t["trial_id"] in audited,
         }
         row.update({k: t["params"].get(k) for k in knobs})
         trial_rows.append(row)
@@ -213,9 +220,10 @@ def write_tables(folder: str | os.PathLike) -> dict[str, Path]:
     settings = read_settings(folder)
     meta = json.loads((folder / SETTINGS_NAME).read_text())
     knobs = _searched_knobs(folder, meta)
-    trials, curves = build_trials(ray_experiment_path(settings), settings.trial_steps, knobs,
-                                  key_of=_key_function(meta, settings.trial_steps))
     decisions = _typed(read_jsonl(folder / DECISIONS_NAME), schema.DECISIONS)
+    trials, curves = build_trials(ray_experiment_path(settings), settings.trial_steps, knobs,
+                                  key_of=_key_function(meta, settings),
+                                  audited=frozenset(decisions.loc[decisions["decision"] == "audit", "trial_id"]))
     final = _typed(read_jsonl(folder / FINAL_RUNS), schema.FINAL)
     out = {}
     for name, frame in (("trials", trials), ("curves", curves), ("decisions", decisions), ("final", final)):
@@ -224,13 +232,15 @@ def write_tables(folder: str | os.PathLike) -> dict[str, Path]:
     return out
 
 
-def _key_function(meta: dict[str, Any], trial_steps: int) -> Callable[[dict[str, Any]], str | None]:
+def _key_function(meta: dict[str, Any], settings) -> Callable[[dict[str, Any]], str | None]:
     """params -> the `config_key` the trainable computes, from the base recipe the sweep recorded."""
-    from jepatune.search.trainable import config_key, trial_config
+    from jepatune.search.trainable import trial_config, trial_key
 
     def key_of(params: dict[str, Any]) -> str | None:
         try:
-            return config_key(trial_config(meta["base"], params, trial_steps, tuple(meta["rungs"])))
+            config = trial_config(meta["base"], params, settings.trial_steps, tuple(meta["rungs"]),
+                                  settings.probe_length)
+            return trial_key(config, settings.fidelity)
         except Exception:  # an unreadable recipe: left unfolded rather than failing the tables
             return None
 

@@ -2,9 +2,10 @@
 
 Each run is a Ray task (one per seed and recipe, in parallel) that trains, exports the
 int8+zlib artifact and scores it after the round trip on the full val split. A finished
-run is appended to `final/runs.jsonl` as soon as it ends and skipped on a rerun, so a
-crash loses no finished run. `retrain_ddp` trains one run on several workers through
-Ray Train's `TorchTrainer` (DDP) instead.
+run is appended to `final/runs.jsonl` as soon as it ends and skipped on a rerun of the same
+recipe, seed and config (a longer budget is a new run), so a crash loses no finished run;
+a run cut by a crash starts again in a clean folder. `retrain_ddp` trains one run on
+several workers through Ray Train's `TorchTrainer` (DDP) instead.
 """
 
 from __future__ import annotations
@@ -75,29 +76,36 @@ def retrain_recipe(config: TrainConfig, out: Path, seeds: int, cpus: float = 1.0
 
 
 def _run_one(config: dict[str, Any], out_dir: str) -> dict[str, Any]:
+    import shutil
+
     from jepatune.trainer.loop import train
 
+    # Whatever is there is not a finished run of this config (that would be skipped): a run cut by a
+    # crash, or one at another budget. metrics.jsonl is appended to, so start from an empty folder.
+    shutil.rmtree(out_dir, ignore_errors=True)
     result = train(TrainConfig.from_dict(config), out_dir=out_dir)
     return result.summary
 
 
 def retrain(folder: Path, runs: dict[str, TrainConfig], seeds: int, cpus: float, gpus: float,
             log=print) -> pd.DataFrame:
-    """Train every recipe in `runs` with `seeds` seeds in parallel; return the final table rows."""
+    """Train every recipe in `runs` with `seeds` seeds in parallel, skipping runs finished before;
+    return the final table rows of these runs."""
     import ray
 
     from jepatune.search.trainable import config_key
 
     final_dir = folder / FINAL_DIR
     final_dir.mkdir(parents=True, exist_ok=True)
-    done = {(r["recipe"], r["seed"]) for r in _read_runs(final_dir)}
+    done = {_run_key(r["recipe"], r["seed"], r.get("config_key")) for r in _read_runs(final_dir)}
     task = ray.remote(_run_one).options(num_cpus=cpus, num_gpus=gpus)
-    pending = {}
+    pending, wanted = {}, set()
     for recipe, config in runs.items():
         for seed in range(seeds):
-            if (recipe, seed) in done:
-                continue
             c = config.replace(seed=config.seed + seed)
+            wanted.add(key := _run_key(recipe, seed, config_key(c)))
+            if key in done:
+                continue
             ref = task.remote(c.to_dict(), str(final_dir / f"{recipe}-seed{seed}"))
             pending[ref] = (recipe, seed, c)
     t0 = time.perf_counter()
@@ -109,11 +117,25 @@ def retrain(folder: Path, runs: dict[str, TrainConfig], seeds: int, cpus: float,
                **{k: summary.get(k) for k in ("status", "val_bpb", "prequant_bpb", "raw_bpb", "raw_q_bpb", "avg_bpb",
                                                "avg_q_bpb", "artifact_bytes", "total_bytes", "fits_cap",
                                                "elapsed_s")}}
-        with open(final_dir / RUNS_NAME, "a", encoding="utf-8") as f:  # kept as soon as it ends
-            f.write(json.dumps(row) + "\n")
+        _append_row(final_dir / RUNS_NAME, row)  # kept as soon as it ends
         log(f"  retrain {recipe} seed {seed}: val_bpb {row['val_bpb']:.4f} after the int8+zlib round trip "
             f"({time.perf_counter() - t0:.0f}s, {len(pending)} left)")
-    return pd.DataFrame(_read_runs(final_dir))
+    rows = [r for r in _read_runs(final_dir) if _run_key(r["recipe"], r["seed"], r.get("config_key")) in wanted]
+    return pd.DataFrame(rows)
+
+
+def _run_key(recipe: str, seed: int, key: str | None) -> tuple[str, int, str | None]:
+    return recipe, int(seed), key
+
+
+def _append_row(path: Path, row: dict[str, Any]) -> None:
+    """Append one JSON line in one write, synced. A line cut by an earlier crash (no final newline)
+    is ended first, so it stays one unreadable line (skipped) instead of spoiling this one."""
+    with open(path, "a+b") as f:
+        cut = f.seek(0, os.SEEK_END) > 0 and f.seek(-1, os.SEEK_END) >= 0 and f.read(1) != b"\n"
+        f.write((b"\n" if cut else b"") + json.dumps(row).encode() + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _read_runs(final_dir: Path) -> list[dict[str, Any]]:

@@ -4,13 +4,16 @@ Ray's stock `OptunaSearch` tells Optuna that a trial ASHA stopped is COMPLETE wi
 early, low-budget value, so TPE mistakes a rung value for a final one. Here such a
 trial is PRUNED, with its intermediate values reported at their step counts; Optuna then
 ranks it below trials that ran to the end. `RecordingASHA` writes every decision it takes
-(trial, rung, value, cut-off, continue or stop) to a JSON-lines file for the tables.
+(trial, rung, value, cut-off, continue or stop) to a JSON-lines file for the tables, and
+runs a random share of the trials it would stop to the end anyway (audits), so that every
+sweep measures how often its pruning is wrong.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from pathlib import Path
 
@@ -19,7 +22,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from jepatune.analysis.tables import read_jsonl
-from jepatune.search.trainable import METRIC, TIME_ATTR
+from jepatune.search.trainable import FINAL_STATUSES, METRIC, TIME_ATTR
 
 log = logging.getLogger(__name__)
 DECISIONS_NAME = "decisions.jsonl"
@@ -46,7 +49,7 @@ class RungAwareOptunaSearch(OptunaSearch):
             return
         if error or not result or METRIC not in result:
             state, value = optuna.trial.TrialState.FAIL, None
-        elif result.get(TIME_ATTR, 0) < self.trial_steps and result.get("status") not in ("infeasible", "diverged"):
+        elif result.get(TIME_ATTR, 0) < self.trial_steps and result.get("status") not in FINAL_STATUSES:
             # Stopped at a rung: not a final value. Ray hands the stopping result to on_trial_complete
             # without on_trial_result, so record it as an intermediate value first.
             self.on_trial_result(trial_id, result)
@@ -65,11 +68,23 @@ class RungAwareOptunaSearch(OptunaSearch):
 
 
 class RecordingASHA(ASHAScheduler):
-    def __init__(self, *args, decisions_path: str, **kwargs):
+    """ASHA that records its decisions, judges at explicit `milestones` when given (the `restart`
+    fidelity's cumulative step counts), and audits: with probability `audit_frac` a trial it would
+    stop runs to the end instead, recorded as decision "audit" (its value still counts in the
+    rung's cut-off, as for any judged trial)."""
+
+    def __init__(self, *args, decisions_path: str, milestones: tuple[int, ...] | None = None,
+                 audit_frac: float = 0.0, audit_seed: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
+        if milestones is not None:  # instead of grace * rf^k; the last one is max_t
+            for bracket in self._brackets:
+                bracket._rungs = [(m, {}) for m in sorted(milestones[:-1], reverse=True)]
         self.decisions_path = decisions_path
+        self.audit_frac = audit_frac
+        self._audit_rng = random.Random(audit_seed)
         self._replayed = False  # pickled False into tuner.pkl, so a resumed driver replays once
         self._stopped: set[str] = set()
+        self._audited: set[str] = set()
 
     def on_trial_add(self, tune_controller, trial) -> None:
         if not self._replayed:
@@ -86,16 +101,27 @@ class RecordingASHA(ASHAScheduler):
             for milestone, recorded in bracket._rungs:
                 recorded.update({r["trial_id"]: self._metric_op * r["value"] for r in rows if r["rung"] == milestone})
         self._stopped = {r["trial_id"] for r in rows if r.get("decision") == "stop"}
+        self._audited = {r["trial_id"] for r in rows if r.get("decision") == "audit"}
         if rows:
             log.info("resumed ASHA with %d earlier decisions", len(rows))
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         if trial.trial_id in self._stopped:  # decided (and recorded) before the driver's crash
             return TrialScheduler.STOP
+        if trial.trial_id in self._audited:  # runs to the end, judged no more
+            done = result.get(self._time_attr, 0) >= self._max_t
+            return TrialScheduler.STOP if done else TrialScheduler.CONTINUE
         rung, cutoff = self._rung_and_cutoff(trial.trial_id, result)
         action = super().on_trial_result(tune_controller, trial, result)
-        if rung is not None:
-            self._record(trial.trial_id, rung, result, cutoff, action)
+        if rung is None:
+            return action
+        decision = "continue"
+        if action == TrialScheduler.STOP:
+            decision = "stop"
+            if self.audit_frac > 0 and self._audit_rng.random() < self.audit_frac:
+                decision, action = "audit", TrialScheduler.CONTINUE
+                self._audited.add(trial.trial_id)
+        self._record(trial.trial_id, rung, result, cutoff, decision)
         return action
 
     def _rung_and_cutoff(self, trial_id: str, result: dict) -> tuple[float | None, float | None]:
@@ -111,10 +137,11 @@ class RecordingASHA(ASHAScheduler):
             return milestone, (None if cutoff is None else float(self._metric_op * cutoff))
         return None, None
 
-    def _record(self, trial_id: str, rung: float, result: dict, cutoff: float | None, action: str) -> None:
-        row = {"trial_id": trial_id, "rung": int(rung), "step": int(result[self._time_attr]),
-               "value": float(result[self._metric]), "cutoff": cutoff,
-               "decision": "stop" if action == TrialScheduler.STOP else "continue", "time": time.time()}
+    def _record(self, trial_id: str, rung: float, result: dict, cutoff: float | None, decision: str) -> None:
+        # `rung` is in the scheduler's time unit; `step` is the trial's budget position the value was
+        # measured at (the same but for `restart`, whose clock also counts the earlier rungs' runs).
+        row = {"trial_id": trial_id, "rung": int(rung), "step": int(result.get(TIME_ATTR, result[self._time_attr])),
+               "value": float(result[self._metric]), "cutoff": cutoff, "decision": decision, "time": time.time()}
         path = Path(self.decisions_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:  # one line, appended whole

@@ -35,6 +35,17 @@ CACHE_DIR = "finished"
 # killed test sweeps). num_to_keep also forced a snapshot at every checkpoint, each waiting for the
 # previous copy; a 2 s period costs less when many trials run.
 SNAPSHOT_PERIOD_S = "2"
+SAMPLERS = ("tpe", "random")
+SCHEDULERS = ("asha", "none")
+# What a trial's value at an ASHA rung measures: snapshot = the running model's BPB mid-curriculum;
+# restart = a whole curriculum compressed to the rung's budget, retrained from scratch at each rung;
+# probe = a short pure-CE cool-down branched off the running model (see trainable.py).
+FIDELITIES = ("snapshot", "restart", "probe")
+# The defaults by evidence (bench/README.md, fidelity_study.py): with the first rung at a quarter of
+# the budget, ASHA on the snapshot value never stopped the best of 24 curriculum configs in 200
+# replayed orders and spent 55% of the compute; at an eighth the snapshot ranks poorly (Spearman
+# 0.36 with the final BPB). Probe and restart cost more and stopped the best more often.
+GRACE_DEFAULT_FRAC = 0.25
 
 
 @dataclass(frozen=True)
@@ -47,7 +58,7 @@ class SweepSettings:
     space: str = "curriculum"  # a named space or a TOML file
     samples: int = 16  # trials, the reference recipe first
     trial_steps: int = 200  # each trial's full budget in optimiser steps
-    grace_steps: int = 0  # first ASHA rung; 0 = trial_steps // 8
+    grace_steps: int = 0  # first ASHA rung; 0 = GRACE_DEFAULT_FRAC of trial_steps
     reduction_factor: int = 2
     concurrency: int = 2  # trials at once (always set: see the Ray notes on custom searchers)
     cpus_per_trial: float = 1.0
@@ -57,6 +68,11 @@ class SweepSettings:
     overrides: dict[str, Any] = field(default_factory=dict)  # fixed knobs for every trial
     seed: int = 0  # the sampler's seed
     startup_trials: int = 10  # random trials before TPE models the space
+    sampler: str = "tpe"  # tpe, or random (a baseline for the search itself)
+    scheduler: str = "asha"  # asha, or none: every trial runs its full budget
+    fidelity: str = "snapshot"  # what a rung measures: snapshot, restart or probe (trainable.FIDELITIES)
+    probe_steps: int = 0  # probe fidelity: the cool-down's length; 0 = half the first rung
+    audit_frac: float = 0.05  # share of ASHA's stops run to the end anyway, to measure false stops
     max_failures: int = 2  # restarts of a failed trial from its last checkpoint
     checkpoint_every: int = 1  # checkpoint every Nth rung (and always the last); 0 = only the last
     final_steps: int = 0  # retrain budget; 0 = no retrain
@@ -66,7 +82,15 @@ class SweepSettings:
     def rungs(self) -> tuple[int, ...]:
         from jepatune.search.trainable import rung_steps
 
-        return rung_steps(self.trial_steps, self.grace_steps or max(1, self.trial_steps // 8), self.reduction_factor)
+        grace = self.grace_steps or max(1, round(self.trial_steps * GRACE_DEFAULT_FRAC))
+        return rung_steps(self.trial_steps, grace, self.reduction_factor)
+
+    @property
+    def probe_length(self) -> int:
+        """Steps of each probe branch (0 unless the fidelity is probe)."""
+        if self.fidelity != "probe":
+            return 0
+        return self.probe_steps or max(1, self.rungs[0] // 2)
 
     @property
     def folder(self) -> Path:
@@ -82,6 +106,12 @@ class SweepSettings:
             raise JepatuneError(f"--reduction-factor={self.reduction_factor}: must be at least 2")
         if self.grace_steps < 0 or self.grace_steps > self.trial_steps:
             raise JepatuneError(f"--grace-steps={self.grace_steps}: must be in [1, trial_steps]")
+        if self.probe_steps < 0 or not 0.0 <= self.audit_frac <= 1.0:
+            raise JepatuneError(f"--probe-steps={self.probe_steps} / --audit-frac={self.audit_frac}: need "
+                                "probe steps >= 0 and an audit share in [0, 1]")
+        for key, allowed in (("sampler", SAMPLERS), ("scheduler", SCHEDULERS), ("fidelity", FIDELITIES)):
+            if getattr(self, key) not in allowed:
+                raise JepatuneError(f"{key}={getattr(self, key)!r}: choose one of {', '.join(allowed)}")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
             raise JepatuneError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
         if self.storage is not None:
@@ -96,7 +126,8 @@ def check_storage(storage: str) -> None:
             raise JepatuneError(f"--storage {storage!r}: malformed URI; write it as {parsed.scheme}://bucket/path")
         return
     if (probe := unwritable_ancestor(storage)) is not None:
-        raise JepatuneError(f"--storage {storage!r}: {probe} is not writable; choose a shared folder you can write")
+        raise JepatuneError(f"--storage {storage!r}: {probe} is not a writable folder; choose a shared folder you "
+                            "can write")
 
 
 def base_config(settings: SweepSettings):
@@ -168,19 +199,53 @@ def _ensure_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False, configure_logging=False)
 
 
-def _build_tuner(settings: SweepSettings, config, space, restore: bool):
+def make_trainable(settings: SweepSettings, config):
+    """The trial function with the sweep's fixed arguments and per-trial resources."""
+    from ray import tune
+
+    from jepatune.search.trainable import run_trial, trial_resources
+
+    return tune.with_resources(
+        tune.with_parameters(run_trial, base=config.to_dict(), trial_steps=settings.trial_steps,
+                             rungs=settings.rungs, cache_dir=str(settings.folder / CACHE_DIR),
+                             checkpoint_every=settings.checkpoint_every, fidelity=settings.fidelity,
+                             probe_steps=settings.probe_length),
+        trial_resources(settings.cpus_per_trial, settings.gpus_per_trial))
+
+
+def make_search(settings: SweepSettings, space):
+    """(searcher, scheduler) of a new sweep: TPE or random suggestions, ASHA or no early stopping
+    (scheduler None: Tune's FIFO, every trial runs its full budget)."""
     import optuna
+
+    from jepatune.search.searcher import DECISIONS_NAME, RecordingASHA, RungAwareOptunaSearch
+    from jepatune.search.trainable import METRIC, asha_milestones
+
+    if settings.sampler == "random":
+        sampler: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=settings.seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=settings.startup_trials,
+                                             multivariate=True)  # reads the constraints the space sets
+    searcher = RungAwareOptunaSearch(space=space.sample, metric=METRIC, mode="min", sampler=sampler,
+                                     points_to_evaluate=[space.reference_point()],
+                                     trial_steps=settings.trial_steps)
+    if settings.scheduler == "none":
+        return searcher, None
+    time_attr, milestones = asha_milestones(settings.fidelity, settings.rungs)
+    scheduler = RecordingASHA(time_attr=time_attr, max_t=milestones[-1], grace_period=milestones[0],
+                              reduction_factor=settings.reduction_factor, milestones=milestones,
+                              decisions_path=str(settings.folder / DECISIONS_NAME),
+                              audit_frac=settings.audit_frac, audit_seed=settings.seed)
+    return searcher, scheduler
+
+
+def _build_tuner(settings: SweepSettings, config, space, restore: bool):
     from ray import tune
 
     from jepatune.search.progress import TrialLines
-    from jepatune.search.searcher import DECISIONS_NAME, RecordingASHA, RungAwareOptunaSearch
-    from jepatune.search.trainable import METRIC, TIME_ATTR, run_trial, trial_resources
+    from jepatune.search.trainable import METRIC
 
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=config.to_dict(), trial_steps=settings.trial_steps,
-                             rungs=settings.rungs, cache_dir=str(settings.folder / CACHE_DIR),
-                             checkpoint_every=settings.checkpoint_every),
-        trial_resources(settings.cpus_per_trial, settings.gpus_per_trial))
+    trainable = make_trainable(settings, config)
     path = ray_experiment_path(settings)
     if restore:
         if not tune.Tuner.can_restore(path):
@@ -194,14 +259,7 @@ def _build_tuner(settings: SweepSettings, config, space, restore: bool):
         # RecordingASHA refills it from decisions.jsonl.
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     # Ray's own console tables are off (verbose=0); TrialLines prints one line per trial.
-    sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=settings.startup_trials,
-                                         multivariate=True)  # reads the constraints the space sets
-    searcher = RungAwareOptunaSearch(space=space.sample, metric=METRIC, mode="min", sampler=sampler,
-                                     points_to_evaluate=[space.reference_point()],
-                                     trial_steps=settings.trial_steps)
-    scheduler = RecordingASHA(time_attr=TIME_ATTR, max_t=settings.trial_steps,
-                              grace_period=settings.rungs[0], reduction_factor=settings.reduction_factor,
-                              decisions_path=str(settings.folder / DECISIONS_NAME))
+    searcher, scheduler = make_search(settings, space)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(metric=METRIC, mode="min", search_alg=searcher, scheduler=scheduler,

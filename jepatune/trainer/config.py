@@ -41,6 +41,9 @@ class TrainConfig:
     val_loss_every: int = knob(1000, "evaluate (and report) every N steps; 0 = only at the end")
     eval_steps: tuple[int, ...] = knob((), "extra steps at which to evaluate and report, e.g. ASHA rungs")
     train_log_every: int = knob(200, "print the train loss every N steps; 0 = never")
+    probe_steps: int = knob(
+        0, "> 0: at each evaluation before the end, branch off for this many steps of pure CE with the LR "
+        "decayed to 0, report that branch's BPB as probe_bpb, then continue the main run untouched")
 
     # --- budget -------------------------------------------------------------------------
     iterations: int = knob(20_000, "budget in optimiser steps; the curriculum and SWA start are fractions of it")
@@ -161,7 +164,7 @@ def _validate(c: TrainConfig) -> None:
                 "num_heads", "num_kv_heads", "mlp_mult", "grad_accum_steps", "val_batch_size",
                 "muon_backend_steps", "lejepa_directions", "lejepa_points"):
         need(getattr(c, key) > 0, key, "must be positive")
-    for key in ("val_tokens", "val_loss_every", "train_log_every", "warmdown_iters", "warmup_steps",
+    for key in ("val_tokens", "val_loss_every", "train_log_every", "probe_steps", "warmdown_iters", "warmup_steps",
                 "muon_momentum_warmup_steps", "lejepa_positions", "max_wallclock_seconds", "grad_clip_norm",
                 "jepa_weight", "sigreg_weight", "varcov_cov_weight", "ce_weight", "embed_lr", "head_lr",
                 "tied_embed_lr", "matrix_lr", "scalar_lr", "adam_eps", "tied_embed_init_std"):
@@ -278,7 +281,7 @@ def read_toml(path: Path, what: str, error: type[JepatuneError]) -> dict[str, An
     except OSError as e:
         raise error(f"{what} {path} cannot be read ({e.strerror or e}); give a readable TOML file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise error(f"{what} {path} is not valid TOML: {e}") from None
+        raise error(f"{what} {path} is not valid TOML ({e}); correct it there") from None
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:

@@ -145,6 +145,7 @@ class Trainer:
 
     def __init__(self, c: TrainConfig, report: Report | None = None, out_dir: Path | None = None,
                  checkpoint_dir: Path | None = None, verbose: bool = False, final_score: bool = True):
+        self.created = time.perf_counter()  # start-up (data, model, compile) is timed from here to the first step
         self.c, self.report_fn, self.verbose, self.final_score = c, report, verbose, final_score
         self.out_dir, self.checkpoint_dir = out_dir, checkpoint_dir
         self.rt = setup_runtime(c)
@@ -169,6 +170,8 @@ class Trainer:
         self.swa: WeightAverage | None = None
         self.weights = torch.zeros(3, device=self.rt.device)  # (w_jepa, w_ce, w_reg) of the current step
         self.step, self.train_time = 0, 0.0
+        self.time_setup = self.time_eval = self.time_ckpt = 0.0  # this process's seconds per phase
+        self.probe_steps_done = 0  # optimiser steps spent in probe branches (compute, not progress)
         self.history: list[dict[str, Any]] = []
         self._reset_sums()
 
@@ -185,12 +188,18 @@ class Trainer:
     def elapsed(self, t0: float) -> float:
         return self.train_time + time.perf_counter() - t0
 
+    def phase_times(self) -> dict[str, float]:
+        """Cumulative seconds per phase, carried by every report (train_time spans resumes)."""
+        return {"time_setup_s": round(self.time_setup, 3), "time_train_s": round(self.train_time, 3),
+                "time_eval_s": round(self.time_eval, 3), "time_ckpt_s": round(self.time_ckpt, 3)}
+
     def state(self) -> dict[str, Any]:
         return {
             "config": self.c.to_dict(), "step": self.step, "train_time": self.train_time,
             "model": self.model.state_dict(), "optimizers": [o.state_dict() for o in self.optimizers],
             "swa": self.swa.state_dict() if self.swa else None,
             "data_position": vars(self.loader.stream.position).copy(), "rng": rng_state(),
+            "probe_steps_done": self.probe_steps_done,
         }
 
     def restore(self, path: Path) -> None:
@@ -209,6 +218,7 @@ class Trainer:
         self.loader = DistributedTokenLoader(self.train_files, self.rt.rank, self.rt.world_size,
                                              StreamPosition(**s["data_position"]))
         self.step, self.train_time = s["step"], s["train_time"]
+        self.probe_steps_done = s.get("probe_steps_done", 0)
         set_rng_state(s["rng"])
 
     def emit(self, metrics: dict[str, Any]) -> None:
@@ -220,10 +230,14 @@ class Trainer:
             self.report_fn(metrics)
 
     # --- one optimiser step ----------------------------------------------------------------
-    def train_step(self, elapsed: float) -> None:
+    def train_step(self, elapsed: float, branch: tuple[schedule.LossWeights, float] | None = None) -> None:
+        """One optimiser step at the schedule's loss weights and LR for the current progress, or, in
+        a probe branch, at the given (weights, LR multiplier) and without touching the weight average."""
         c, rt = self.c, self.rt
         p = schedule.progress(self.step, c.iterations, elapsed, c.max_wallclock_seconds)
         w = schedule.curriculum_weights(p, c.jepa_pure_frac, c.ce_pure_frac, c.jepa_weight, c.sigreg_weight)
+        if branch is not None:
+            w = branch[0]
         for i, value in enumerate(w):  # scalar fills: no host-to-device copy, no sync
             self.weights[i].fill_(value)
         dirs = None
@@ -248,8 +262,7 @@ class Trainer:
             self.nonfinite |= ~torch.isfinite(total.detach())
         self.muon.param_groups[0]["momentum"] = schedule.muon_momentum(
             self.step, c.muon_momentum_warmup_start, c.muon_momentum, c.muon_momentum_warmup_steps)
-        lr = schedule.lr_multiplier(self.step, c.iterations, c.warmdown_iters, elapsed,
-                                    c.max_wallclock_seconds, c.warmdown_frac)
+        lr = self.lr_at(elapsed) if branch is None else branch[1]
         for o in self.optimizers:
             for g in o.param_groups:
                 g["lr"] = g["base_lr"] * lr
@@ -259,12 +272,17 @@ class Trainer:
             o.step()
         self.step += 1
         self.steps_since_eval += 1
-        if c.swa_enabled and p >= c.swa_start:
+        if branch is None and c.swa_enabled and p >= c.swa_start:
             if self.swa is None:
                 self.swa = WeightAverage(self.model, c.swa_decay, c.swa_fp32_shadow)
             else:
                 self.swa.update(self.model)
         self.last_weights, self.last_lr, self.last_progress = w, lr, p
+
+    def lr_at(self, elapsed: float) -> float:
+        c = self.c
+        return schedule.lr_multiplier(self.step, c.iterations, c.warmdown_iters, elapsed, c.max_wallclock_seconds,
+                                      c.warmdown_frac)
 
     def diverged(self) -> bool:
         return bool(self.nonfinite.item())
@@ -320,18 +338,28 @@ class Trainer:
         resumed_at = self.step if resume_from is not None else -1
         stop_after: int | None = None
         t0 = time.perf_counter()
+        self.time_setup = t0 - self.created
         while True:
             last = self.step >= c.iterations or (stop_after is not None and self.step >= stop_after)
             if self.step != resumed_at and (last or self.is_eval_step(self.step)):
                 self.train_time += time.perf_counter() - t0
                 if self.diverged():
                     return self.finish_diverged()
+                t_eval = time.perf_counter()
                 metrics = self.eval_metrics()
                 if not math.isfinite(metrics["val_loss"]):
                     return self.finish_diverged()
+                if c.probe_steps > 0 and not last:
+                    metrics["probe_bpb"] = self.probe()
+                metrics["compute_steps"] = self.step + self.probe_steps_done
                 self.log(f"step:{self.step}/{c.iterations} val_bpb:{metrics['val_bpb']:.4f} "
-                         f"train_time:{self.train_time:.1f}s stage:{metrics['stage']}")
+                         + (f"probe_bpb:{metrics['probe_bpb']:.4f} " if "probe_bpb" in metrics else "")
+                         + f"train_time:{self.train_time:.1f}s stage:{metrics['stage']}")
+                self.time_eval += time.perf_counter() - t_eval
+                t_ckpt = time.perf_counter()
                 self.checkpoint(metrics)
+                self.time_ckpt += time.perf_counter() - t_ckpt
+                metrics.update(self.phase_times())
                 self.emit(metrics)
                 t0 = time.perf_counter()
             if last:
@@ -354,23 +382,55 @@ class Trainer:
                 stop_after = self.step
         return self.finish()
 
+    # --- branches that are undone: compile priming and probes ----------------------------
+    _STEP_ATTRS = ("step", "swa", "steps_since_eval", "last_weights", "last_lr", "last_progress")
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything a training step changes, so that a branch of steps can be undone exactly."""
+        return {"model": copy.deepcopy(self.model.state_dict()),
+                "optimizers": [copy.deepcopy(o.state_dict()) for o in self.optimizers],
+                "position": vars(self.loader.stream.position).copy(), "rng": rng_state(),
+                "sums": (self.loss_sum.clone(), self.nonfinite.clone()),
+                "attrs": {a: self.__dict__[a] for a in self._STEP_ATTRS if a in self.__dict__}}
+
+    def rollback(self, saved: dict[str, Any]) -> None:
+        self.model.load_state_dict(saved["model"])
+        for o, s in zip(self.optimizers, saved["optimizers"], strict=True):
+            o.load_state_dict(s)
+        self.loader = DistributedTokenLoader(self.train_files, self.rt.rank, self.rt.world_size,
+                                             StreamPosition(**saved["position"]))
+        set_rng_state(saved["rng"])
+        self.loss_sum, self.nonfinite = saved["sums"]
+        for attr in self._STEP_ATTRS:
+            self.__dict__.pop(attr, None)
+        self.__dict__.update(saved["attrs"])
+
     def prime_compile(self) -> None:
         """Run warm-up steps to compile every graph, then undo them (as the reference)."""
         c = self.c
-        model0 = copy.deepcopy(self.model.state_dict())
-        opts0 = [copy.deepcopy(o.state_dict()) for o in self.optimizers]
+        saved = self.snapshot()
         for i in range(c.warmup_steps):
             # Spread the warm-up over the budget so every curriculum stage's graph compiles.
             self.step = i * c.iterations // c.warmup_steps
             self.train_step(elapsed=self.step / c.iterations * c.max_wallclock_seconds)
-        self.model.load_state_dict(model0)
-        for o, s in zip(self.optimizers, opts0, strict=True):
-            o.load_state_dict(s)
-        self.loader = DistributedTokenLoader(self.train_files, self.rt.rank, self.rt.world_size)
-        self.swa, self.step = None, 0
-        self._reset_sums()
-        for attr in ("last_weights", "last_lr", "last_progress"):
-            self.__dict__.pop(attr, None)
+        self.rollback(saved)
+
+    def probe(self) -> float:
+        """The `probe` fidelity: from the current state, `probe_steps` steps of pure cross-entropy with
+        the LR multiplier decayed linearly from its current value to zero (a cool-down), then the BPB on
+        the val prefix. Everything is rolled back afterwards: the main run goes on exactly as if no
+        probe had run (the data it reads included); the cost is counted in `probe_steps_done`."""
+        c, k = self.c, self.c.probe_steps
+        saved = self.snapshot()
+        lr0 = self.lr_at(self.train_time)
+        ce_only = schedule.LossWeights(0.0, 1.0, 0.0)
+        for i in range(k):
+            self.train_step(self.train_time, branch=(ce_only, lr0 * (k - i) / k))
+        bpb = evaluate_bpb(self.net, self.val_prefix, c.train_seq_len, c.val_batch_size, self.rt.device,
+                           self.rt.bf16, self.rt.rank, self.rt.world_size)[1]
+        self.rollback(saved)
+        self.probe_steps_done += k
+        return bpb
 
     def finish_diverged(self) -> TrainResult:
         summary = {"status": "diverged", "step": self.step, "tokens": self.step * self.c.train_batch_tokens,

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import copy_sweep
 
 from jepatune.analysis import explore, schema
 from jepatune.errors import JepatuneError
@@ -238,16 +239,9 @@ def test_importance_errors():
 # --- a real sweep --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory, demo_data, sweep_knobs, local_ray):
-    """One 8-trial sweep of the tiny model with a 2-seed retrain."""
-    from jepatune.search.sweep import SweepSettings, finalize, run_sweep
-
-    settings = SweepSettings(data=str(demo_data), out=str(tmp_path_factory.mktemp("explore")), samples=8,
-                             trial_steps=16, concurrency=2, overrides=sweep_knobs, startup_trials=4,
-                             final_steps=8, final_seeds=2)
-    run_sweep(settings)
-    finalize(settings.folder, log=lambda _: None)
-    return settings
+def sweep(tmp_path_factory, finished_sweep_folder):
+    """The session's finished sweep (8 trials of the tiny model, a 2-seed retrain), copied."""
+    return copy_sweep(finished_sweep_folder, tmp_path_factory.mktemp("explore"))
 
 
 def table_mtimes(folder) -> dict[str, int]:
@@ -300,3 +294,38 @@ def test_load_rebuilds_tables_older_than_a_trial_result(sweep):
     assert all(m > old for m in rebuilt.values())
     explore.load(folder)
     assert table_mtimes(folder) == rebuilt  # now fresh again
+
+
+def test_wilson_interval_matches_a_hand_computation():
+    from jepatune.analysis.explore import wilson_interval
+
+    low, high = wilson_interval(1, 4)  # p = 0.25, z = 1.96: centre 0.3725, half-width 0.3269
+    assert low == pytest.approx(0.0456, abs=1e-4) and high == pytest.approx(0.6994, abs=1e-4)
+    assert wilson_interval(0, 5)[0] == 0.0 and 0 < wilson_interval(0, 5)[1] < 0.5
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))
+
+
+def test_false_stops_compares_audits_with_the_trials_asha_kept():
+    from jepatune.analysis.explore import false_stops
+
+    trials = pd.DataFrame({
+        "trial_id": list("abcdefg"),
+        "status": ["completed"] * 6 + ["pruned"],
+        "last_val_bpb": [3.0, 3.2, 3.4, 2.9, 3.3, 3.6, 5.0],
+        "audited": [False, False, False, True, True, True, False],
+    })
+    row = false_stops(trials).iloc[0]
+    # kept: 3.0, 3.2, 3.4 (median 3.2); audits 2.9 (false stop, and better than every kept trial), 3.3, 3.6
+    assert (row["audited"], row["false_stops"], row["beat_best"], row["kept"]) == (3, 1, 1, 3)
+    assert row["rate"] == pytest.approx(1 / 3)
+    none = false_stops(trials.assign(audited=False)).iloc[0]
+    assert none["audited"] == 0 and math.isnan(none["rate"])
+
+
+def test_compare_final_compares_the_newest_budget_only():
+    final = pd.DataFrame({"recipe": ["best", "reference"] * 3, "seed": [0, 0, 1, 1, 0, 0],
+                          "steps": [100, 100, 100, 100, 400, 400], "status": ["completed"] * 6,
+                          "val_bpb": [3.0, 3.5, 3.1, 3.4, 2.0, 2.6]})
+    out = explore.compare_final(final).set_index("recipe")
+    assert out.loc["best", "count"] == 1 and out.loc["best", "mean"] == pytest.approx(2.0)
+    assert out.loc["best", "delta"] == pytest.approx(-0.6)

@@ -5,6 +5,7 @@ import json
 import optuna
 import pandas as pd
 import pytest
+from conftest import copy_sweep
 
 from jepatune.analysis import optuna_io, schema
 from jepatune.analysis.tables import write_parquet
@@ -22,14 +23,9 @@ def open_journal(path, name: str) -> optuna.Study:
 # --- a real sweep --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory, demo_data, sweep_knobs, local_ray):
-    """One 6-trial sweep of the tiny model over the curriculum space."""
-    from jepatune.search.sweep import SweepSettings, run_sweep
-
-    settings = SweepSettings(data=str(demo_data), out=str(tmp_path_factory.mktemp("optuna_io")), samples=6,
-                             trial_steps=16, concurrency=2, overrides=sweep_knobs, startup_trials=4)
-    run_sweep(settings)
-    return settings
+def sweep(tmp_path_factory, finished_sweep_folder):
+    """The session's finished sweep (8 trials of the tiny model over the curriculum space), copied."""
+    return copy_sweep(finished_sweep_folder, tmp_path_factory.mktemp("optuna_io"))
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """Hard failures with real processes: `jepatune search` runs as a subprocess with its own local Ray
-(no ray.init here), and is SIGKILLed mid-sweep, or has one trial's worker SIGKILLed mid-trial."""
+(no ray.init here), and is SIGKILLed mid-sweep or mid-retrain, or has one trial's worker SIGKILLed
+mid-trial."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jepatune.analysis import schema
-from jepatune.analysis.tables import load_tables
+from jepatune.analysis.tables import load_tables, read_jsonl
 from jepatune.search.searcher import RecordingASHA
 from jepatune.search.sweep import CACHE_DIR, base_config, load_study, read_settings
 from jepatune.spaces import get_space
@@ -62,16 +63,16 @@ def _cmdline(pid: int) -> str:
 
 
 class Search:
-    """`python -m jepatune search ARGS` in a session of its own, with RAY_ADDRESS unset and a private
-    Ray temp folder, so that it starts its own local Ray and joins no other; on exit every process
-    of the session is killed and awaited, so nothing outlives the test."""
+    """`python -m jepatune search ARGS` (or another COMMAND) in a session of its own, with RAY_ADDRESS
+    unset and a private Ray temp folder, so that it starts its own local Ray and joins no other; on
+    exit every process of the session is killed and awaited, so nothing outlives the test."""
 
-    def __init__(self, args: list[str], log: Path):
+    def __init__(self, args: list[str], log: Path, command: str = "search"):
         self.ray_tmp = tempfile.mkdtemp(prefix="jt-ray-", dir="/tmp")  # short: Ray's socket paths
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env["RAY_TMPDIR"] = self.ray_tmp
         self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "jepatune", "search", *args], env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "jepatune", command, *args], env=env,
                                      stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
     def __enter__(self) -> Search:
@@ -191,7 +192,7 @@ def test_a_killed_trial_restarts_from_its_last_checkpoint(tmp_path, demo_data, s
     out, steps = tmp_path / "out", 96  # rungs 12, 24, 48, 96
     folder = out / "s"
     args = ["--data", str(demo_data), "--out", str(out), "--name", "s", "--samples", "2", "--trial-steps", str(steps),
-            "--concurrency", "1", "--max-failures", "2", *_set_args(sweep_knobs)]
+            "--grace-steps", "12", "--concurrency", "1", "--max-failures", "2", *_set_args(sweep_knobs)]
 
     def second_rung() -> Path | None:
         """The first trial's folder once its second checkpoint is stored. The worker stores it after
@@ -226,6 +227,70 @@ def test_a_killed_trial_restarts_from_its_last_checkpoint(tmp_path, demo_data, s
     curve = tables["curves"].query("trial_id == @trial_id")
     assert list(curve["step"]) == [12, 24, 48, 96] and list(curve["training_iteration"]) == [1, 2, 3, 4]
     assert len(list(trial_dir.glob("checkpoint_*"))) == 1  # the older ones pruned once the sweep ended
+
+
+def _cut_run(final: Path) -> bool:
+    """A retrain run has started (metrics.jsonl) but not finished (no summary.json)."""
+    return any(not (m.parent / "summary.json").exists() for m in final.glob("*-seed*/metrics.jsonl"))
+
+
+def _changed(path: Path, before: int, search: Search, timeout: float) -> None:
+    """Poll fast until `path` is replaced (its mtime moves), the moment a table rebuild is under way."""
+    deadline = time.monotonic() + timeout
+    while (path.stat().st_mtime_ns if path.exists() else before) == before:
+        if not search.alive() or time.monotonic() > deadline:
+            pytest.fail(f"{path.name} was not rewritten:\n{search.tail()}")
+        time.sleep(0.001)
+
+
+@pytest.mark.slow
+def test_a_driver_killed_in_the_retrain_and_its_tables_keeps_every_finished_run_once(tmp_path, demo_data,
+                                                                                      sweep_knobs):
+    out = tmp_path / "out"
+    folder = out / "s"
+    final, tables = folder / "final", folder / "tables"
+    runs = final / "runs.jsonl"
+    started = time.monotonic()
+    first = ["--data", str(demo_data), "--out", str(out), "--name", "s", "--samples", "2", "--trial-steps", "16",
+             "--grace-steps", "16", "--concurrency", "2", "--final-steps", "40", "--final-seeds", "2",
+             *_set_args(sweep_knobs)]
+    with Search(first, tmp_path / "first.log") as search:
+        # 4 retrain runs (best and reference, 2 seeds), 2 at a time: kill with one finished and one cut.
+        _poll("a finished and a cut retrain run", lambda: bool(read_jsonl(runs)) and _cut_run(final), search, 120)
+        search.kill()
+    kept = runs.read_text().splitlines()
+    assert 1 <= len(kept) < 4 and _cut_run(final)
+
+    # `jepatune retrain DIR` rebuilds the tables first: killed once trials.parquet is replaced.
+    trials_mtime = (tables / "trials.parquet").stat().st_mtime_ns
+    with Search([str(folder)], tmp_path / "retrain-killed.log", command="retrain") as again:
+        _changed(tables / "trials.parquet", trials_mtime, again, 60)
+        again.kill()
+    mid_tables = (tables / "final.parquet").stat().st_mtime_ns < (tables / "trials.parquet").stat().st_mtime_ns
+
+    with Search(["--resume", "--out", str(out), "--name", "s"], tmp_path / "resume.log") as again:
+        assert again.wait(120) == 0, again.tail()  # the sweep had ended: straight on to the retrain
+    print(f"kill in the retrain, kill {'in' if mid_tables else 'after'} the tables, resume: "
+          f"{time.monotonic() - started:.0f}s; {len(kept)} of 4 runs finished at the first kill")
+
+    lines = runs.read_text().splitlines()
+    assert lines[:len(kept)] == kept  # finished before the kill: kept as they were, not trained again
+    rows = read_jsonl(runs)
+    assert len(rows) == len(lines) == 4
+    assert sorted((r["recipe"], r["seed"]) for r in rows) == [("best", 0), ("best", 1), ("reference", 0),
+                                                               ("reference", 1)]
+    for row in rows:  # each folder holds one run: the cut one started again from an empty folder
+        run = final / f"{row['recipe']}-seed{row['seed']}"
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in metrics if not m.get("final")] == list(range(0, 41, 4)), run
+        assert [m.get("final") for m in metrics].count(True) == 1
+        assert json.loads((run / "summary.json").read_text())["val_bpb"] == row["val_bpb"]
+    checked = _check_dtypes(folder)
+    assert sorted(p.name for p in tables.iterdir() if not p.name.startswith(".")) == [
+        f"{name}.parquet" for name in sorted(schema.TABLES)]  # a cut write leaves only a hidden temp file
+    assert len(checked["final"]) == 4 and not checked["final"].duplicated(["recipe", "seed"]).any()
+    trials = checked["trials"]
+    assert len(trials) == 2 and trials["config_key"].is_unique and set(trials["status"]) == {"completed"}
 
 
 def test_asha_resumes_with_the_decisions_taken_before_a_crash(tmp_path):

@@ -1,17 +1,22 @@
-"""Real Ray beyond the happy path: trials on two nodes, one run on two Ray Train DDP workers, and
-a sweep whose trials diverge, raise or are infeasible while the sweep goes on."""
+"""Real Ray beyond the happy path: trials on two nodes (and a node removed mid-sweep), one run on two
+Ray Train DDP workers, and sweeps whose trials diverge, raise, are infeasible or run out of memory
+while the sweep goes on."""
 
 import json
 import math
+import threading
+import time
+from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 
 from jepatune.analysis.tables import load_tables
 from jepatune.errors import ConfigError
 from jepatune.search.retrain import retrain_ddp
 from jepatune.search.sweep import SweepSettings, load_study, run_sweep
-from jepatune.search.trainable import PENALTY_BPB
+from jepatune.search.trainable import PENALTY_BPB, out_of_memory
 from jepatune.spaces import violation_of
 from jepatune.trainer.loop import train
 
@@ -50,6 +55,71 @@ def test_trials_spread_over_two_nodes(two_nodes, tmp_path, demo_data, sweep_knob
     # Two one-CPU trials at once cannot share a one-CPU node.
     assert trials["node"].nunique() == 2
     assert set(trials["node"]) == {n["NodeID"][:12] for n in ray.nodes() if n["Alive"]}
+
+
+# swa_decay acts only once SWA starts (the CE stage, at 80% of the budget): both recipes report the
+# same BPB at the rungs before it, so ASHA stops neither, and the trials differ in config_key (the
+# finished-trial cache cannot answer the restarted one).
+SWA_SPACE = """
+[params.swa_decay]
+low = 0.9
+high = 0.999
+"""
+
+
+def _reports(result_json: Path) -> list[dict]:
+    reports = []
+    for line in result_json.read_text().splitlines():
+        try:
+            reports.append(json.loads(line))
+        except ValueError:  # being written
+            continue
+    return reports
+
+
+@pytest.mark.slow
+def test_a_removed_node_s_trial_restarts_from_its_checkpoint_on_the_other_node(two_nodes, tmp_path, demo_data,
+                                                                                sweep_knobs):
+    worker = next(iter(two_nodes.worker_nodes))
+    gone = worker.node_id[:12]
+    space = tmp_path / "swa.toml"
+    space.write_text(SWA_SPACE)
+    steps = 200  # rungs 25, 50, 100, 200, each with a checkpoint
+    settings = SweepSettings(data=str(demo_data), out=str(tmp_path), space=str(space), samples=2, trial_steps=steps,
+                             grace_steps=25, concurrency=2, cpus_per_trial=1, overrides=sweep_knobs, max_failures=2)
+    removed: dict = {}
+
+    def remove_the_worker_node() -> None:
+        """Once the worker node's trial reported its second rung (so the first rung's checkpoint is
+        registered), mid-trial."""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not removed:
+            for result in settings.folder.glob("run_trial_*/result.json"):
+                reports = _reports(result)
+                if reports and reports[-1].get("node") == gone and 50 <= reports[-1]["step"] < steps:
+                    removed.update(trial=result.parent, step=reports[-1]["step"])
+                    two_nodes.remove_node(worker)
+                    return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=remove_the_worker_node, daemon=True)
+    thread.start()
+    run_sweep(settings)  # the driver is on the head node, which stays
+    thread.join(10)
+    assert removed, "the worker node's trial finished before the node could be removed"
+
+    trials = load_tables(settings.folder)["trials"].set_index("trial_id")
+    assert len(trials) == 2 and set(trials["status"]) == {"completed"}, trials
+    trial_id = next(t for t in trials.index if t in removed["trial"].name)
+    moved = trials.loc[trial_id]
+    assert moved["restarts"] >= 1 and moved["step"] == steps and moved["node"] != gone, moved
+    reports = _reports(removed["trial"] / "result.json")
+    before = [r["step"] for r in reports if r["node"] == gone]
+    after = [r["step"] for r in reports if r["node"] != gone]
+    assert before[:2] == [25, 50] and after and after[-1] == steps, (before, after)
+    # Restarted from a checkpoint, not from step 0: the first rung is never reported again.
+    assert min(after) > 25 and [r["step"] for r in reports].count(25) == 1, (before, after)
+    print(f"node removed after step {removed['step']}; the trial went on from step {min(after)} on the head node")
 
 
 @pytest.mark.slow
@@ -119,3 +189,50 @@ def test_diverged_errored_and_infeasible_trials_are_recorded_and_the_sweep_goes_
             assert row.step == 0 and row.jepa_pure_frac > 0.5 and "ce_pure_frac" in row.error
             assert violation_of(told) > 0 and told.value == PENALTY_BPB
         assert (violation_of(told) > 0) == (row.status == "infeasible")
+
+
+# 2**40 * model_dim floats for the MLP: far past any machine's memory and address space, so the
+# allocator refuses it at once under every overcommit policy (nothing is touched, no OOM killer).
+OOM_SPACE = """
+[params.mlp_mult]
+choices = [2, 1099511627776]
+[params.jepa_pure_frac]
+low = 0.0
+high = 0.5
+"""
+
+
+def test_a_trial_out_of_memory_is_recorded_penalised_and_the_others_go_on(tmp_path, demo_data, sweep_knobs,
+                                                                          local_ray):
+    space = tmp_path / "oom.toml"
+    space.write_text(OOM_SPACE)
+    # Seed 0 draws mlp_mult (2: the reference, 2**40, 2); one at a time, so the trial after the failed
+    # allocation runs on the same reused actor.
+    settings = SweepSettings(data=str(demo_data), out=str(tmp_path), space=str(space), samples=3, trial_steps=8,
+                             grace_steps=8, concurrency=1, overrides=sweep_knobs, seed=0)
+    grid = run_sweep(settings)
+    trials = load_tables(settings.folder)["trials"]
+    assert len(trials) == 3 and grid.num_errors == 0, trials
+    assert list(trials["status"]) == ["completed", "oom", "completed"], trials
+    study = {round(t.params["jepa_pure_frac"], 12): t for t in load_study(settings.folder).trials}
+    for row in trials.itertuples():
+        told = study[round(row.jepa_pure_frac, 12)]
+        assert told.state == optuna.trial.TrialState.COMPLETE
+        if row.status == "oom":
+            assert row.mlp_mult == 2**40 and row.last_val_bpb == PENALTY_BPB and told.value == PENALTY_BPB
+            assert row.step == 0  # the model could not even be built
+            assert row.error.startswith("out of memory:") and "can't allocate memory" in row.error, row.error
+            assert pd.isna(row.best_val_bpb)  # the penalty is no measured BPB
+        else:
+            assert row.mlp_mult == 2 and row.step == 8 and row.last_val_bpb < 8.0
+
+
+def test_out_of_memory_is_told_apart_from_other_errors():
+    import torch
+
+    with pytest.raises(RuntimeError) as refused:
+        torch.empty(2**45, 32)  # 4 PiB
+    assert out_of_memory(refused.value).startswith("out of memory: ")
+    assert out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")) == (
+        "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None

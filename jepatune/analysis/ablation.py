@@ -1,0 +1,137 @@
+"""The tables of an ablation: one row per run, then one per variant with its paired-by-seed delta.
+
+An ablation folder (made by `jepatune ablate`, see `jepatune.search.ablate`) holds `ablation.json`
+(settings, the base recipe, each variant's config and the planned runs), `finished/` (one JSON per
+finished run, named by its config key), Ray's trial folders and `tables/`. The tables are rebuilt from
+those files alone: a finished run from its JSON, a run that raised from its Ray trial's error file.
+`ablation_table` is pure: runs in, variants out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from jepatune.analysis import schema
+from jepatune.analysis.explore import compare_final
+from jepatune.analysis.tables import TABLES_DIR, read_trials, write_parquet
+from jepatune.errors import JepatuneError
+
+SETTINGS_NAME = "ablation.json"
+FINISHED_DIR = "finished"
+BASE = "base"
+RUNS_TABLE, TABLE = "ablation_runs", "ablation"
+
+
+def ablation_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per variant of the `ablation_runs` table, the base first, then in order of appearance.
+
+    mean_bpb and std_bpb are over the variant's completed runs with a val_bpb (std NaN for one run).
+    Pairing is by seed: a seed missing (or not completed) on either side is left out of that pair;
+    n counts the paired seeds (for the base, its completed runs). delta is the mean of the paired
+    differences variant - base (negative: the variant is better), with the 95% t interval of those
+    differences (`explore.compare_final` on the paired runs) when n >= 2; significant when the
+    interval excludes 0. delta, ci_low and ci_high are NaN for the base. A seed run twice by one
+    variant counts once (the last row)."""
+    done = runs["status"].eq("completed").fillna(False).astype(bool).to_numpy() & runs["val_bpb"].notna().to_numpy()
+    ok = runs[done].drop_duplicates(["variant", "seed"], keep="last")
+    order = sorted(dict.fromkeys(runs["variant"]), key=lambda v: v != BASE)  # stable: the base moves first
+    changes = runs.drop_duplicates("variant").set_index("variant")["change"]
+    base = ok[ok["variant"].eq(BASE).to_numpy()]
+    rows = []
+    for variant in order:
+        runs_of = ok[ok["variant"].eq(variant).to_numpy()]
+        bpb = runs_of["val_bpb"].astype(float)
+        row = {"variant": variant, "change": changes[variant], "n": len(runs_of), "mean_bpb": bpb.mean(),
+               "std_bpb": bpb.std(), "delta": math.nan, "ci_low": math.nan, "ci_high": math.nan}
+        if variant != BASE:
+            row.update(_paired(variant, runs_of, base))
+        row["significant"] = bool(row["ci_low"] > 0 or row["ci_high"] < 0)  # False when NaN
+        rows.append(row)
+    return pd.DataFrame(rows, columns=list(schema.ABLATION)).astype(schema.ABLATION)
+
+
+def _paired(variant: str, runs_of: pd.DataFrame, base: pd.DataFrame) -> dict[str, Any]:
+    """n, delta and its interval over the seeds both ran."""
+    common = set(runs_of["seed"]) & set(base["seed"])
+    if not common:
+        return {"n": 0}
+    pair = pd.concat([runs_of, base])
+    pair = pair[pair["seed"].isin(common).to_numpy()].rename(columns={"variant": "recipe"})
+    compared = compare_final(pair, reference=BASE).set_index("recipe").loc[variant]
+    return {"n": len(common), "delta": compared["delta"], "ci_low": compared["ci_low"],
+            "ci_high": compared["ci_high"]}
+
+
+def read_plan(folder: str | os.PathLike) -> dict[str, Any]:
+    """The contents of `ablation.json`; a clear error when `folder` is not an ablation folder."""
+    path = Path(folder) / SETTINGS_NAME
+    if not path.is_file():
+        raise JepatuneError(f"{Path(folder).resolve()} is not a jepatune ablation (no {SETTINGS_NAME}); "
+                            f"give the folder `jepatune ablate` made")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def build_runs(folder: str | os.PathLike) -> pd.DataFrame:
+    """The `ablation_runs` table of the folder: one row per planned run that finished or raised, in
+    plan order. A run neither finished nor errored (not started, or cut by a kill) has no row."""
+    folder = Path(folder)
+    plan = read_plan(folder)
+    errored = {(t["params"].get("variant"), t["params"].get("seed")): t["trial_id"]
+               for t in read_trials(str(folder)) if t["error"]}  # the last such trial of each run
+    rows = []
+    for run in plan["runs"]:
+        row = {"variant": run["variant"], "change": run["change"], "seed": run["seed"]}
+        finished = _read_json(folder / FINISHED_DIR / f"{run['config_key']}.json")
+        if finished is not None:
+            rows.append({**row, **{k: finished.get(k) for k in ("val_bpb", "prequant_bpb", "steps", "status",
+                                                                  "trial_id")}})
+        elif (run["variant"], run["seed"]) in errored:
+            rows.append({**row, "steps": run["steps"], "status": "errored",
+                         "trial_id": errored[run["variant"], run["seed"]]})
+    return pd.DataFrame(rows, columns=list(schema.ABLATION_RUNS)).astype(schema.ABLATION_RUNS)
+
+
+def _paths(folder: Path) -> dict[str, Path]:
+    return {name: folder / TABLES_DIR / f"{name}.parquet" for name in schema.ABLATION_TABLES}
+
+
+def write_ablation_tables(folder: str | os.PathLike) -> dict[str, Path]:
+    """(Re)build both tables of the ablation at `folder` from its files; return their paths."""
+    folder = Path(folder)
+    runs = build_runs(folder)
+    paths = _paths(folder)
+    write_parquet(runs, paths[RUNS_TABLE])
+    write_parquet(ablation_table(runs), paths[TABLE])
+    return paths
+
+
+def _stale(folder: Path, paths: dict[str, Path]) -> bool:
+    """A table is missing, or a source file (the plan, a finished run, a Ray trial's files) is newer."""
+    if not all(p.exists() for p in paths.values()):
+        return True
+    oldest = min(p.stat().st_mtime_ns for p in paths.values())
+    sources = [folder / SETTINGS_NAME, *(folder / FINISHED_DIR).glob("*.json"), *folder.glob("*/error.txt")]
+    return any(p.stat().st_mtime_ns > oldest for p in sources if p.exists())
+
+
+def load_ablation(folder: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(ablation table, runs table) of the ablation at `folder`, rebuilt first when missing or stale."""
+    folder = Path(folder)
+    read_plan(folder)  # a clear error for a folder that is not an ablation
+    paths = _paths(folder)
+    if _stale(folder, paths):
+        write_ablation_tables(folder)
+    return pd.read_parquet(paths[TABLE]), pd.read_parquet(paths[RUNS_TABLE])

@@ -1,0 +1,285 @@
+"""`write_report(folder)`: `report.md` and its PNG figures (in `report/`) for a sweep or an ablation folder.
+
+A sweep's report holds the leaderboard, learning curves, BPB against each searched knob, parallel
+coordinates, importance, rung fidelity, the final retrain and one section per ablation under
+`ablations/*/`; an ablation folder's report holds its ablation only. It reads what the folder
+holds now, so a running or crashed sweep gets a report too: a section without data says so in
+one line. Every file is written atomically; figures no longer linked are removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from jepatune.analysis import ablation, explore, plots, schema
+from jepatune.atomic import atomic_path, atomic_write_text, unwritable_ancestor
+from jepatune.errors import JepatuneError
+from jepatune.search.sweep import SETTINGS_NAME  # a light module: no Ray, no torch
+
+REPORT_NAME = "report.md"
+FIGURES_DIR = "report"
+ABLATION_NAME = ablation.SETTINGS_NAME
+ABLATIONS_DIR = "ablations"
+LEADERBOARD_ROWS = 10
+PROGRESS_AFTER_S = 2.0  # a report slower than this (a big or busy sweep) logs each figure it saves
+
+
+@dataclass
+class _Report:
+    """The Markdown lines of a report and the figures saved for it so far."""
+
+    figures_dir: Path
+    lines: list[str] = field(default_factory=list)
+    saved: list[str] = field(default_factory=list)
+    log: Callable[[str], None] | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+    def section(self, title: str, level: int = 2) -> None:
+        heading = ["#" * level + " " + title, ""]
+        self.lines += heading if self.lines[-1:] == [""] else ["", *heading]
+
+    def text(self, *lines: str) -> None:
+        self.lines += list(lines)
+
+    def missing(self, why: str) -> None:
+        self.lines.append(f"_{why}_")
+
+    def table(self, frame: pd.DataFrame) -> None:
+        self.lines += [markdown_table(frame), ""]
+
+    def figure(self, name: str, fig: Any, alt: str) -> None:
+        """Save `fig` as FIGURES_DIR/`name` (atomically) and link it."""
+        with atomic_path(self.figures_dir / name) as tmp:
+            fig.savefig(tmp, format="png", dpi=plots.DPI)
+        self.saved.append(name)
+        self.lines += [f"![{alt}]({FIGURES_DIR}/{name})", ""]
+        if self.log is not None and (elapsed := time.perf_counter() - self.started) > PROGRESS_AFTER_S:
+            self.log(f"saved {FIGURES_DIR}/{name} ({elapsed:.0f}s into the report)")
+
+
+def _cell(value: Any) -> str:
+    if pd.api.types.is_scalar(value) and pd.isna(value):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.5g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """`frame` as a GitHub Markdown table (floats to 5 significant digits, missing values blank)."""
+    rows = [[_cell(v.item() if hasattr(v, "item") else v) for v in row] for row in frame.itertuples(index=False)]
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + " --- |" * len(frame.columns)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def write_report(folder: str | os.PathLike, *, log: Callable[[str], None] | None = None) -> Path:
+    """Write `folder`/report.md and its figures in `folder`/report/; return the report's path.
+
+    `folder`: a sweep (holds sweep.json) or an ablation (holds ablation.json). `log`, when given,
+    gets a line per figure saved once the report has taken more than PROGRESS_AFTER_S."""
+    folder = Path(folder).resolve()
+    if not folder.is_dir():
+        raise JepatuneError(f"{folder} does not exist; give a sweep folder or an ablation folder")
+    if (probe := unwritable_ancestor(folder / FIGURES_DIR)) is not None:
+        raise JepatuneError(f"cannot write the report of {folder}: {probe} is not writable")
+    report = _Report(folder / FIGURES_DIR, log=log)
+    if (folder / SETTINGS_NAME).is_file():
+        _sweep_report(folder, report)
+    elif (folder / ABLATION_NAME).is_file():
+        _ablation_report(folder, report)
+    else:
+        raise JepatuneError(f"{folder} holds neither {SETTINGS_NAME} nor {ABLATION_NAME}; give the folder that "
+                            f"`jepatune search` or `jepatune ablate` made")
+    path = folder / REPORT_NAME
+    atomic_write_text(path, "\n".join(report.lines).strip() + "\n")
+    for stale in (folder / FIGURES_DIR).glob("*.png"):  # figures of an earlier report that this one lacks
+        if stale.name not in report.saved:
+            stale.unlink(missing_ok=True)
+    return path
+
+
+# --- a sweep -------------------------------------------------------------------------------------
+
+def _sweep_report(folder: Path, r: _Report) -> None:
+    meta = json.loads((folder / SETTINGS_NAME).read_text())
+    settings, rungs = meta.get("settings", {}), [int(x) for x in meta.get("rungs", [])]
+    tables = explore.load(folder)
+    trials = tables.trials
+    counts = trials["status"].value_counts().to_dict()
+    r.text(f"# Sweep report: {folder.name}", "",
+           f"{len(trials)} of {settings.get('samples', '?')} trials "
+           f"({', '.join(f'{n} {s}' for s, n in sorted(counts.items())) or 'none started'}) over the "
+           f"`{meta.get('space', '?')}` space, {settings.get('trial_steps', '?')} steps each, ASHA rungs at "
+           f"steps {', '.join(map(str, rungs))} (fidelity `{settings.get('fidelity', 'snapshot')}`). "
+           f"Started {meta.get('started', '?')}; report written "
+           f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}. BPB: bits per byte on the validation split (lower is "
+           f"better); a trial's BPB is its last value, on the `val_tokens` prefix.")
+    if counts.get("incomplete"):
+        r.text("", f"{counts['incomplete']} trials had not finished when the tables were built: the sweep is "
+                   f"running, or stopped (`jepatune search --resume` continues it).")
+    _leaderboard(r, trials)
+    _curves(r, tables, rungs)
+    _by_param(r, trials)
+    _parallel(r, trials)
+    _importance(r, trials)
+    _rungs(r, tables)
+    _audits(r, tables.trials)
+    _replays(r, tables, folder)
+    _final(r, tables.final)
+    r.section("Ablations")
+    found = sorted(p.parent for p in (folder / ABLATIONS_DIR).glob(f"*/{ABLATION_NAME}"))
+    if not found:
+        r.missing(f"no ablation under {ABLATIONS_DIR}/ yet (`jepatune ablate --sweep {folder}` adds one)")
+    for sub in found:
+        r.section(sub.name, level=3)
+        _ablation(r, sub, f"ablation-{_slug(sub.name)}.png")
+
+
+def _leaderboard(r: _Report, trials: pd.DataFrame) -> None:
+    r.section("Leaderboard")
+    board = explore.leaderboard(trials, k=LEADERBOARD_ROWS)
+    if board.empty:
+        r.missing("no trial has run its whole budget yet")
+        return
+    r.text(f"Trials that ran their whole budget, by final BPB: the best {LEADERBOARD_ROWS} at most, and the "
+           f"reference recipe.", "")
+    r.table(board)
+
+
+def _curves(r: _Report, tables: explore.Tables, rungs: list[int]) -> None:
+    r.section("Learning curves")
+    if tables.curves["val_bpb"].notna().sum() == 0:
+        r.missing("no trial has reported yet")
+        return
+    r.figure("curves.png", plots.learning_curves(tables.trials, tables.curves, rungs), "learning curves")
+
+
+def _by_param(r: _Report, trials: pd.DataFrame) -> None:
+    r.section("BPB against each searched hyperparameter")
+    knobs = explore.knob_columns(trials)
+    if not knobs or explore._completed(trials).empty:
+        r.missing("no completed trial yet" if knobs else "no searched hyperparameter in the trials table")
+        return
+    r.figure("params.png", plots.bpb_by_param(trials), "BPB against each hyperparameter")
+    r.text("Mean BPB per bin of each hyperparameter (quantile bins; by value when few):", "")
+    r.table(pd.concat([explore.marginals(trials, k).drop(columns=["low", "high"]).assign(param=k)
+                       for k in knobs])[["param", "bin", "count", "mean_bpb", "min_bpb", "std_bpb"]])
+
+
+def _parallel(r: _Report, trials: pd.DataFrame) -> None:
+    r.section("Parallel coordinates")
+    if not explore.knob_columns(trials) or trials.empty:
+        r.missing("no trial with searched hyperparameters yet")
+        return
+    r.figure("parallel.png", plots.parallel_coordinates(trials), "parallel coordinates")
+
+
+def _importance(r: _Report, trials: pd.DataFrame) -> None:
+    r.section("Hyperparameter importance")
+    try:
+        imp = explore.importance(trials, evaluator="ped-anova")
+    except JepatuneError as e:
+        r.missing(str(e))
+        return
+    r.text("Optuna's PED-ANOVA over the completed trials: how much each knob separates the best trials "
+           "from the rest.", "")
+    r.table(imp)
+    r.figure("importance.png", plots.importance_bars(imp), "importance")
+
+
+def _rungs(r: _Report, tables: explore.Tables) -> None:
+    r.section("Rung correlation")
+    rungs = explore.rung_correlation(tables.trials, tables.curves, tables.decisions)
+    if rungs.empty or explore._completed(tables.trials).empty:
+        r.missing("no ASHA rung reached yet" if rungs.empty else "no completed trial to compare the rungs with yet")
+        return
+    r.text("How well each ASHA rung's ranking predicts the final one (Spearman over completed trials), and "
+           "whether the eventual best trial would have been stopped there. Read before trusting the pruning.", "")
+    r.table(rungs)
+    r.figure("rungs.png", plots.rung_scatter(tables.trials, tables.curves, rungs), "rung correlation")
+
+
+def _audits(r: _Report, trials: pd.DataFrame) -> None:
+    r.section("False stops (audit trials)")
+    audit = explore.false_stops(trials)
+    if not audit.loc[0, "audited"]:
+        r.missing("no audit trial finished yet (a share `--audit-frac` of ASHA's stops runs to the end anyway)")
+        return
+    r.text("Trials ASHA stopped but ran to the end anyway, chosen at random: a stop is false when the trial "
+           "ended better than the median of the trials ASHA kept. The rate's interval is Wilson's 95%.", "")
+    r.table(audit)
+
+
+def _replays(r: _Report, tables: explore.Tables, folder: Path) -> None:
+    from jepatune.analysis.replay import sweep_replays
+    from jepatune.search.sweep import read_settings
+
+    r.section("Other pruning settings, replayed")
+    s = read_settings(folder)
+    replays = sweep_replays(tables.curves, tables.trials, s.rungs, s.fidelity, s.probe_length)
+    if replays.empty:
+        r.missing("nothing to replay yet: it needs completed trials and a rung below the budget")
+        return
+    r.text("ASHA replayed offline on the recorded rung values of the trials whose whole curve is known "
+           "(completed and audited ones), over 100 random arrival orders: trials kept to the end, the share of "
+           "orders that stopped the best of them, the compute against running all of them to the end. No new "
+           "training; the full study of fidelities is `bench/fidelity_study.py`.", "")
+    r.table(replays)
+
+
+def _final(r: _Report, final: pd.DataFrame) -> None:
+    r.section("Best recipe vs reference at equal budget")
+    summary = explore.compare_final(final)
+    if summary.empty:
+        r.missing("no final retrain yet (`jepatune retrain DIR` runs it)")
+        return
+    r.text("The best recipe and the reference retrained with the same seeds and budget, scored after the "
+           "int8+zlib round trip on the full val split; delta vs the reference with a paired 95% CI.", "")
+    r.table(summary)
+    r.figure("final.png", plots.final_comparison(final), "best vs reference")
+
+
+# --- ablations -----------------------------------------------------------------------------------
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "ablation"
+
+
+def _ablation_report(folder: Path, r: _Report) -> None:
+    r.text(f"# Ablation report: {folder.name}", "")
+    try:
+        meta = json.loads((folder / ABLATION_NAME).read_text())
+    except ValueError:  # cut by a crash: the table below still tells the story
+        meta = {}
+    if isinstance(meta, dict):  # its scalar settings; nested ones (the base recipe) stay in the file
+        r.text(*(f"- {k}: {v}" for k, v in meta.items() if isinstance(v, str | int | float | bool)))
+    r.section("Deltas vs base")
+    _ablation(r, folder, "ablation.png")
+
+
+def _ablation(r: _Report, folder: Path, figure: str) -> None:
+    """The table and the deltas figure of the ablation at `folder`, or one line on what is missing."""
+    try:
+        table, _ = ablation.load_ablation(folder)  # rebuilt first when its runs are newer
+    except (JepatuneError, OSError, ValueError) as e:
+        r.missing(f"no ablation table: {str(e).splitlines()[0]}")
+        return
+    if table.empty:
+        r.missing("no finished run yet")
+        return
+    r.text("Each variant changes one thing from the base, run with the same seeds; delta = variant - base "
+           "(negative = better) with the 95% CI of the per-seed differences.", "")
+    r.table(table[list(schema.ABLATION)])
+    if table["variant"].astype(str).eq(ablation.BASE).all():
+        r.missing("no variant beside the base has finished yet")
+        return
+    r.figure(figure, plots.ablation_deltas(table, folder.name), f"ablation {folder.name}")
