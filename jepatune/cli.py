@@ -246,6 +246,9 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     table = run_ablation(settings, resume=args.resume)
     print(describe(table))
     print(f"ablation finished in {time.perf_counter() - t0:.0f}s; folder {settings.folder} (tables in tables/)")
+    from jepatune.analysis.report import write_report
+
+    _print_report(write_report(settings.folder))
     return 0
 
 

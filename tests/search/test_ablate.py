@@ -120,6 +120,10 @@ def test_the_folder_and_both_tables_with_their_dtypes(ablation):
     assert (runs["steps"] == 12).all() and runs["trial_id"].nunique() == 4
     assert runs["val_bpb"].between(0, 9).all() and runs["prequant_bpb"].notna().all()
     assert list(table["variant"]) == ["base", "regularizer=lejepa"] and list(table["n"]) == [2, 2]
+    # the ablation ends with its report: the table and the deltas figure
+    assert f"report: {folder / 'report.md'}" in stdout
+    report = (folder / "report.md").read_text()
+    assert "| regularizer=lejepa |" in report and any((folder / "report").glob("ablation*.png"))
 
 
 def test_runs_pair_by_seed(ablation, recipe):
