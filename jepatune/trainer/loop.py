@@ -72,6 +72,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     bf16: bool = False
+    owns_group: bool = False  # this run joined the process group (torchrun), so it leaves it too
 
     @property
     def distributed(self) -> bool:
@@ -94,14 +95,15 @@ def setup_runtime(c: TrainConfig) -> Runtime:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if world_size > 1 and not dist.is_initialized():
+    owns_group = world_size > 1 and not dist.is_initialized()  # not under Ray Train, which owns its group
+    if owns_group:
         dist.init_process_group(backend="nccl" if cuda else "gloo")
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
     if c.grad_accum_steps % world_size:
         raise ConfigError(f"grad_accum_steps={c.grad_accum_steps} must be divisible by the world size {world_size}")
     bf16 = c.precision == "bf16" or (c.precision == "auto" and cuda)
-    return Runtime(device, rank, world_size, bf16)
+    return Runtime(device, rank, world_size, bf16, owns_group)
 
 
 def build_optimizers(model: GPT, c: TrainConfig) -> tuple[list[torch.optim.Optimizer], Muon]:
@@ -531,4 +533,10 @@ def train(config: TrainConfig, report: Report | None = None, *, out_dir: str | o
             folder.mkdir(parents=True, exist_ok=True)
     if on_start is not None:
         on_start()
-    return run.run(Path(resume_from) if resume_from is not None else None)
+    try:
+        return run.run(Path(resume_from) if resume_from is not None else None)
+    finally:
+        if run.rt.owns_group:
+            # Left to interpreter exit, gloo's threads can outlive the group and abort the process
+            # ("terminate called without an active exception") after a run that succeeded.
+            dist.destroy_process_group()
