@@ -187,7 +187,6 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     """The leaderboard, then what each knob is worth and how far the pruning can be trusted; then
     report.md with its figures. An ablation folder gets its report only."""
     from jepatune.analysis import explore
-    from jepatune.analysis.replay import sweep_replays
     from jepatune.analysis.report import ABLATION_NAME, SETTINGS_NAME, write_report
     from jepatune.search.sweep import leaderboard, read_settings
 
@@ -201,22 +200,18 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     for knob in explore.knob_columns(tables.trials):
         m = explore.marginals(tables.trials, knob)
         print(f"\nBPB by {knob} (completed trials):\n" + (m.to_string(**fmt) if len(m) else "no completed trial yet"))
-    try:
-        imp = explore.importance(tables.trials, evaluator="ped-anova")
-        print("\nknob importance (Optuna PED-ANOVA):\n" + imp.to_string(**fmt))
-    except JepatuneError as e:
-        print(f"\nknob importance: {e}")
-    rungs = explore.rung_correlation(tables.trials, tables.curves, tables.decisions)
-    print("\nhow well each ASHA rung predicts the final BPB (Spearman over completed trials):\n"
-          + rungs.to_string(**fmt))
-    print("\nfalse stops, from audit trials (stopped by ASHA, run to the end anyway; Wilson 95% interval):\n"
-          + explore.false_stops(tables.trials).to_string(**fmt))
-    settings = read_settings(folder)
-    replays = sweep_replays(tables.curves, tables.trials, settings.rungs, settings.fidelity, settings.probe_length)
-    if not replays.empty:
-        print("\nother ASHA settings replayed on the completed trials' curves (100 random orders):\n"
-              + replays.to_string(**fmt))
-    _print_report(write_report(folder, log=print))
+    contents: dict = {}  # the report's tables, printed here rather than computed twice
+    path = write_report(folder, log=print, contents=contents)
+    for title, heading in (
+            ("Hyperparameter importance", "knob importance (Optuna PED-ANOVA)"),
+            ("Rung correlation", "how well each ASHA rung predicts the final BPB (Spearman over completed trials)"),
+            ("False stops (audit trials)",
+             "false stops, from audit trials (stopped by ASHA, run to the end anyway; Wilson 95% interval)"),
+            ("Other pruning settings, replayed",
+             "other ASHA settings replayed on the completed trials' curves (100 random orders)")):
+        shown = contents.get(title, "")
+        print(f"\n{heading}:\n" + (shown if isinstance(shown, str) else shown.to_string(**fmt)))
+    _print_report(path)
     return 0
 
 

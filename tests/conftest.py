@@ -15,6 +15,17 @@ TINY = dict(
 )
 
 
+def keep_checkpoint_at(step: int, saved):
+    """A trainer `report` callback that copies the checkpoint written at `step` to `saved`."""
+    import shutil
+
+    def keep(metrics: dict) -> None:
+        if metrics.get("step") == step and not metrics.get("final"):
+            shutil.copy(metrics["checkpoint"], saved)
+
+    return keep
+
+
 def tiny_sets(**extra) -> list[str]:
     """`--set key=value` for every TINY knob (and `extra`), as a user types them on the command line."""
     def text(v) -> str:

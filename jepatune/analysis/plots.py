@@ -23,7 +23,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import NullFormatter
 
 from jepatune.analysis import explore
-from jepatune.analysis.tables import PENALIZED
+from jepatune.analysis.schema import PENALIZED
 
 DPI = 100
 STATUS_COLORS = {"completed": "tab:blue", "pruned": "0.6", "diverged": "tab:red", "infeasible": "tab:purple",

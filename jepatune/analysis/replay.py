@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from jepatune.errors import JepatuneError
-from jepatune.search.sweep import FIDELITIES  # a light module: no Ray, no torch
+from jepatune.search.sweep import FIDELITIES, rung_steps  # a light module: no Ray, no torch
 
 # The fidelity a curves column holds when a setting does not say (it decides how compute is counted).
 COLUMN_FIDELITY = {"snapshot_bpb": "snapshot", "probe_bpb": "probe", "val_bpb": "snapshot"}
@@ -51,14 +51,9 @@ class Setting(NamedTuple):
 
 def milestones(budget: int, grace: int, reduction_factor: float) -> tuple[int, ...]:
     """ASHA's rungs grace * rf^k strictly below the budget: where trials are judged (Ray judges nothing
-    at max_t itself). The same ladder as `jepatune.search.trainable.rung_steps` without its last rung
-    (that module imports Ray)."""
+    at max_t itself). The sweep's ladder (`rung_steps`) without its last rung, the budget."""
     _check_ladder(grace, reduction_factor)
-    out, s = [], grace
-    while s < budget:
-        out.append(int(s))
-        s *= reduction_factor
-    return tuple(out)
+    return rung_steps(budget, grace, reduction_factor)[:-1]
 
 
 def _check_ladder(grace: int, reduction_factor: float) -> None:

@@ -35,26 +35,32 @@ PROGRESS_AFTER_S = 2.0  # a report slower than this (a big or busy sweep) logs e
 
 @dataclass
 class _Report:
-    """The Markdown lines of a report and the figures saved for it so far."""
+    """The Markdown lines of a report, the figures saved for it so far, and each section's table (or
+    the line saying why it has none), by section title."""
 
     figures_dir: Path
     lines: list[str] = field(default_factory=list)
     saved: list[str] = field(default_factory=list)
     log: Callable[[str], None] | None = None
     started: float = field(default_factory=time.perf_counter)
+    contents: dict[str, pd.DataFrame | str] = field(default_factory=dict)
+    current: str = ""
 
     def section(self, title: str, level: int = 2) -> None:
         heading = ["#" * level + " " + title, ""]
         self.lines += heading if self.lines[-1:] == [""] else ["", *heading]
+        self.current = title
 
     def text(self, *lines: str) -> None:
         self.lines += list(lines)
 
     def missing(self, why: str) -> None:
         self.lines.append(f"_{why}_")
+        self.contents.setdefault(self.current, why)
 
     def table(self, frame: pd.DataFrame) -> None:
         self.lines += [markdown_table(frame), ""]
+        self.contents.setdefault(self.current, frame)
 
     def figure(self, name: str, fig: Any, alt: str) -> None:
         """Save `fig` as FIGURES_DIR/`name` (atomically) and link it."""
@@ -81,11 +87,14 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def write_report(folder: str | os.PathLike, *, log: Callable[[str], None] | None = None) -> Path:
+def write_report(folder: str | os.PathLike, *, log: Callable[[str], None] | None = None,
+                 contents: dict[str, pd.DataFrame | str] | None = None) -> Path:
     """Write `folder`/report.md and its figures in `folder`/report/; return the report's path.
 
     `folder`: a sweep (holds sweep.json) or an ablation (holds ablation.json). `log`, when given,
-    gets a line per figure saved once the report has taken more than PROGRESS_AFTER_S."""
+    gets a line per figure saved once the report has taken more than PROGRESS_AFTER_S. `contents`,
+    when given, receives each section's first table, or the line saying why it has none, by section
+    title (so `jepatune analyze` prints what the report computed instead of computing it again)."""
     folder = Path(folder).resolve()
     if not folder.is_dir():
         raise JepatuneError(f"{folder} does not exist; give a sweep folder or an ablation folder")
@@ -99,6 +108,8 @@ def write_report(folder: str | os.PathLike, *, log: Callable[[str], None] | None
     else:
         raise JepatuneError(f"{folder} holds neither {SETTINGS_NAME} nor {ABLATION_NAME}; give the folder that "
                             f"`jepatune search` or `jepatune ablate` made")
+    if contents is not None:
+        contents.update(report.contents)
     path = folder / REPORT_NAME
     atomic_write_text(path, "\n".join(report.lines).strip() + "\n")
     for stale in (folder / FIGURES_DIR).glob("*.png"):  # figures of an earlier report that this one lacks

@@ -47,6 +47,9 @@ ABLATION_STATUSES = ("completed", "diverged", "errored")
 # a constraint before training / an allocation failed (the reason says which) / raised an error /
 # still running when its driver stopped.
 STATUSES = ("completed", "pruned", "diverged", "infeasible", "oom", "errored", "incomplete")
+# Statuses whose report is final although the trial did not train to its budget: the value is the
+# penalty the searcher was told, not a measured BPB.
+PENALIZED = ("diverged", "infeasible", "oom")
 
 
 def knob_dtype(py_type: object) -> str:

@@ -34,11 +34,10 @@ TRIAL_FOLDER = re.compile(r"_([0-9a-f]{8}|[0-9a-f]{5}_\d{5})_(\d+)_")
 FINAL_RUNS = "final/runs.jsonl"
 STATUS_RANK = {s: i for i, s in enumerate(("completed", "diverged", "infeasible", "oom", "pruned", "errored",
                                             "incomplete"))}
-# Statuses whose last report is the penalty value the searcher was told, not a measured BPB.
-PENALIZED = ("diverged", "infeasible", "oom")
 
 
-def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, root) of a local folder or a storage URI such as s3://bucket/path."""
     if "://" in path:
         return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), str(Path(path).resolve())
@@ -77,7 +76,7 @@ def _trial_states(fs: pafs.FileSystem, root: str) -> dict[str, tuple[str, int]]:
 
 def read_trials(experiment: str) -> list[dict[str, Any]]:
     """One dict per trial folder: id, params, reports, error, Ray state."""
-    fs, root = _filesystem(experiment)
+    fs, root = filesystem(experiment)
     states = _trial_states(fs, root)
     trials = []
     for info in fs.get_file_info(pafs.FileSelector(root)):
@@ -117,7 +116,7 @@ def metric_reports(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def trial_status(trial: dict[str, Any], trial_steps: int) -> str:
     reports = metric_reports(trial["reports"])
     last = reports[-1] if reports else {}
-    if last.get("status") in PENALIZED:
+    if last.get("status") in schema.PENALIZED:
         return last["status"]
     if last.get("step", 0) >= trial_steps:
         return "completed"
@@ -153,7 +152,7 @@ def build_trials(experiment: str, trial_steps: int, knobs: list[str],
     for t in trials:
         reports = metric_reports(t["reports"])
         last = reports[-1] if reports else {}
-        values = [r["val_bpb"] for r in reports if r.get("status") not in PENALIZED]
+        values = [r["val_bpb"] for r in reports if r.get("status") not in schema.PENALIZED]
         key = last.get("config_key") or (key_of(t["params"]) if key_of is not None else None)
         row = {
             "trial_id": t["trial_id"], "status": trial_status(t, trial_steps),

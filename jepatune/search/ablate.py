@@ -339,7 +339,7 @@ def run_ablation(settings: AblationSettings, *, resume: bool = False, log=print)
     """Plan, validate, run (or continue) the ablation, write its tables; return the ablation table.
     With `resume`, the folder's recorded plan runs as it was; without, a folder that holds the same
     plan continues and one that holds another is an error."""
-    from jepatune.trainer.data import find_shards, load_val_tokens
+    from jepatune.trainer.data import check_data
 
     folder = settings.folder
     if resume:
@@ -347,8 +347,7 @@ def run_ablation(settings: AblationSettings, *, resume: bool = False, log=print)
     else:
         variants = plan_variants(settings, log)
     base = variants[0].config
-    find_shards(base.data_path, "train")
-    load_val_tokens(base.data_path, base.train_seq_len, base.val_tokens)  # checks the val split
+    check_data(base.data_path, base.train_seq_len, base.val_tokens)
     plan = plan_json(settings, variants)
     if (folder / SETTINGS_NAME).exists():
         if not _same_plan(read_plan(folder), plan):

@@ -8,7 +8,8 @@ import time
 
 from ray.tune import Callback
 
-from jepatune.search.trainable import FINAL_STATUSES, METRIC, TIME_ATTR
+from jepatune.analysis.schema import PENALIZED
+from jepatune.search.trainable import METRIC, TIME_ATTR
 
 
 class TrialLines(Callback):
@@ -32,7 +33,7 @@ class TrialLines(Callback):
         if error is not None:
             status = "errored"
         elif status == "running" or (status != "completed" and step < self.trial_steps
-                                     and status not in FINAL_STATUSES):
+                                     and status not in PENALIZED):
             status = f"pruned at step {step}"
         shown = f"val_bpb {value:.4f}" if isinstance(value, float) else (error or "")[:80]
         shown_best = f"best {best:.4f}" if math.isfinite(best) else "no trial finished yet"

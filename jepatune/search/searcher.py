@@ -21,8 +21,9 @@ import optuna
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from jepatune.analysis.schema import PENALIZED
 from jepatune.analysis.tables import read_jsonl
-from jepatune.search.trainable import FINAL_STATUSES, METRIC, TIME_ATTR
+from jepatune.search.trainable import METRIC, TIME_ATTR
 
 log = logging.getLogger(__name__)
 DECISIONS_NAME = "decisions.jsonl"
@@ -49,7 +50,7 @@ class RungAwareOptunaSearch(OptunaSearch):
             return
         if error or not result or METRIC not in result:
             state, value = optuna.trial.TrialState.FAIL, None
-        elif result.get(TIME_ATTR, 0) < self.trial_steps and result.get("status") not in FINAL_STATUSES:
+        elif result.get(TIME_ATTR, 0) < self.trial_steps and result.get("status") not in PENALIZED:
             # Stopped at a rung: not a final value. Ray hands the stopping result to on_trial_complete
             # without on_trial_result, so record it as an intermediate value first.
             self.on_trial_result(trial_id, result)

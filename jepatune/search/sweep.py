@@ -48,6 +48,15 @@ FIDELITIES = ("snapshot", "restart", "probe")
 GRACE_DEFAULT_FRAC = 0.25
 
 
+def rung_steps(trial_steps: int, grace_steps: int, reduction_factor: float) -> tuple[int, ...]:
+    """ASHA's milestones grace * rf^k below the budget, then the budget itself."""
+    rungs, s = [], grace_steps
+    while s < trial_steps:
+        rungs.append(int(s))
+        s *= reduction_factor
+    return (*rungs, trial_steps)
+
+
 @dataclass(frozen=True)
 class SweepSettings:
     """One sweep. Defaults suit a laptop; a cluster raises samples, steps and concurrency."""
@@ -80,8 +89,6 @@ class SweepSettings:
 
     @property
     def rungs(self) -> tuple[int, ...]:
-        from jepatune.search.trainable import rung_steps
-
         grace = self.grace_steps or max(1, round(self.trial_steps * GRACE_DEFAULT_FRAC))
         return rung_steps(self.trial_steps, grace, self.reduction_factor)
 
@@ -277,7 +284,7 @@ def _build_tuner(settings: SweepSettings, config, space, restore: bool):
 def run_sweep(settings: SweepSettings, *, resume: bool = False):
     """Run (or resume) a sweep, then write its tables. Returns Ray's ResultGrid."""
     from jepatune.spaces import get_space
-    from jepatune.trainer.data import find_shards, load_val_tokens
+    from jepatune.trainer.data import check_data
 
     settings.validate()
     if resume:
@@ -286,8 +293,7 @@ def run_sweep(settings: SweepSettings, *, resume: bool = False):
     from jepatune.trainer.loop import trainer_code_bytes
 
     space = get_space(settings.space, base=config, code_bytes=trainer_code_bytes())
-    find_shards(config.data_path, "train")
-    load_val_tokens(config.data_path, config.train_seq_len, config.val_tokens)  # checks the val split
+    check_data(config.data_path, config.train_seq_len, config.val_tokens)
     folder = settings.folder
     if not resume and (folder / SETTINGS_NAME).exists():
         raise JepatuneError(f"{folder} already holds a sweep; resume it with --resume or choose another --name/--out")
@@ -311,10 +317,9 @@ def prune_checkpoints(experiment: str) -> int:
     once a sweep has ended: during it, the last snapshot may still name an older one."""
     import pyarrow.fs as pafs
 
-    if "://" in experiment:
-        fs, root = pafs.FileSystem.from_uri(experiment)
-    else:
-        fs, root = pafs.LocalFileSystem(), experiment
+    from jepatune.analysis.tables import filesystem
+
+    fs, root = filesystem(experiment)
     removed = 0
     for trial in fs.get_file_info(pafs.FileSelector(root)):
         if trial.type != pafs.FileType.Directory:

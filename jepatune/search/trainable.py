@@ -30,22 +30,11 @@ from jepatune.trainer.config import TrainConfig
 METRIC = "val_bpb"
 TIME_ATTR = "step"
 RESTART_STATE = "restart_state.json"
-# Reported values that are final although the trial did not train to its budget.
-FINAL_STATUSES = ("infeasible", "diverged", "oom")
 # Reported instead of a real BPB when a trial diverges or is infeasible: worse than the
 # uniform model's 8 bits, finite so ASHA and Optuna can rank it (NaN would stall both).
 PENALTY_BPB = 10.0
 RESULT_NAME = "trial_result.json"
 KNOBS = frozenset(f.name for f in fields(TrainConfig))
-
-
-def rung_steps(trial_steps: int, grace_steps: int, reduction_factor: int) -> tuple[int, ...]:
-    """ASHA's milestones grace * rf^k below the budget, then the budget itself."""
-    rungs, s = [], grace_steps
-    while s < trial_steps:
-        rungs.append(s)
-        s *= reduction_factor
-    return (*rungs, trial_steps)
 
 
 def asha_milestones(fidelity: str, rungs: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
@@ -81,8 +70,12 @@ def estimated_flops(config: TrainConfig, params: int, tokens: int) -> float:
     return float(tokens) * (6 * params + 6 * config.num_layers * config.train_seq_len * config.model_dim)
 
 
-def _report_cached(cached: dict[str, Any]) -> None:
-    tune.report({**cached, "cached": True})
+def _report_if_finished(result_file: Path) -> bool:
+    """Report the finished result saved in `result_file` again (no training), if there is one."""
+    if not result_file.exists():
+        return False
+    tune.report({**json.loads(result_file.read_text()), "cached": True})
+    return True
 
 
 def run_trial(suggestion: dict[str, Any], *, base: dict[str, Any], trial_steps: int, rungs: tuple[int, ...],
@@ -97,8 +90,7 @@ def run_trial(suggestion: dict[str, Any], *, base: dict[str, Any], trial_steps: 
         return
     config = trial_config(base, suggestion, trial_steps, rungs, probe_steps if fidelity == "probe" else 0)
     cache = Path(cache_dir) / f"{trial_key(config, fidelity)}.json"
-    if cache.exists():
-        _report_cached(json.loads(cache.read_text()))
+    if _report_if_finished(cache):
         return
     if fidelity == "restart":
         _run_restart(config, rungs, cache, node)
@@ -111,9 +103,7 @@ def run_trial(suggestion: dict[str, Any], *, base: dict[str, Any], trial_steps: 
         resume_from = None
         if checkpoint is not None:
             restored = Path(checkpoint.to_directory(str(scratch / "restored")))
-            saved = restored / RESULT_NAME
-            if saved.exists():  # the trial had finished: report its result again, do not retrain
-                _report_cached(json.loads(saved.read_text()))
+            if _report_if_finished(restored / RESULT_NAME):  # the trial had finished: do not retrain
                 return
             resume_from = restored / CHECKPOINT_NAME
         ckpt_dir = scratch / "ckpt"
@@ -161,7 +151,7 @@ def out_of_memory(error: BaseException) -> str | None:
 
 
 def _report_oom(error: BaseException, step: int, key: str, node: str, trial_steps: int) -> None:
-    """Report an allocation failure as a final penalty (FINAL_STATUSES), as for divergence, so Optuna
+    """Report an allocation failure as a final penalty (PENALIZED), as for divergence, so Optuna
     learns to avoid the recipe; re-raise any other error. Not cached: memory is the machine's, not
     the recipe's."""
     if (reason := out_of_memory(error)) is None:
@@ -180,8 +170,7 @@ def _run_restart(config: TrainConfig, rungs: tuple[int, ...], cache: Path, node:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             saved = Path(folder)
-            if (saved / RESULT_NAME).exists():
-                _report_cached(json.loads((saved / RESULT_NAME).read_text()))
+            if _report_if_finished(saved / RESULT_NAME):
                 return
             state = json.loads((saved / RESTART_STATE).read_text())
             done_rungs, spent = state["rungs_done"], state["compute_steps"]

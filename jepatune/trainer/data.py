@@ -163,3 +163,10 @@ def load_val_tokens(data_dir: str | os.PathLike, seq_len: int, limit: int = 0) -
         out.append(np.asarray(s[:need]))
         need -= out[-1].size
     return np.concatenate(out)
+
+
+def check_data(data_dir: str | os.PathLike, seq_len: int, val_tokens: int = 0) -> None:
+    """Fail before any run starts on what every run would fail on: no train shards, a val split
+    missing or shorter than one sequence (each a DataError naming the folder and the fix)."""
+    find_shards(data_dir, "train")
+    load_val_tokens(data_dir, seq_len, val_tokens)

@@ -1,11 +1,11 @@
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
+from conftest import keep_checkpoint_at
 
 from jepatune.trainer.loop import train
 
@@ -42,12 +42,7 @@ def test_same_seed_same_losses_and_another_seed_differs(tiny):
 
 def test_resume_equals_uninterrupted(tiny, tmp_path):
     saved = tmp_path / "mid.pt"
-
-    def keep_step_8(metrics):
-        if metrics.get("step") == 8 and not metrics.get("final"):
-            shutil.copy(metrics["checkpoint"], saved)
-
-    full = train(tiny, report=keep_step_8, checkpoint_dir=tmp_path / "ckpt")
+    full = train(tiny, report=keep_checkpoint_at(8, saved), checkpoint_dir=tmp_path / "ckpt")
     assert saved.exists()
     resumed = train(tiny, resume_from=saved)
     assert [h["step"] for h in resumed.history] == [12, 12]

@@ -2,6 +2,8 @@
 
 import math
 
+from conftest import keep_checkpoint_at
+
 from jepatune.trainer.loop import train
 
 
@@ -35,16 +37,9 @@ def test_a_probe_trains_cross_entropy_only(tiny):
 
 
 def test_probe_cost_survives_a_resume(tiny, tmp_path):
-    import shutil
-
     config = tiny.replace(val_loss_every=0, eval_steps=(6,), probe_steps=3)
     saved = tmp_path / "mid.pt"
-
-    def keep(metrics):
-        if metrics.get("step") == 6 and not metrics.get("final"):
-            shutil.copy(metrics["checkpoint"], saved)
-
-    full = train(config, report=keep, checkpoint_dir=tmp_path / "ckpt")
+    full = train(config, report=keep_checkpoint_at(6, saved), checkpoint_dir=tmp_path / "ckpt")
     resumed = train(config, resume_from=saved)
     assert evals(resumed.history)[-1]["compute_steps"] == evals(full.history)[-1]["compute_steps"] == 15
     assert resumed.summary["val_bpb"] == full.summary["val_bpb"]
