@@ -134,7 +134,7 @@ def _sweep_settings(args: argparse.Namespace):
         overrides=parse_set_args(args.overrides), seed=args.seed, startup_trials=args.startup_trials,
         max_failures=args.max_failures, checkpoint_every=args.checkpoint_every, fidelity=args.fidelity,
         probe_steps=args.probe_steps, audit_frac=args.audit_frac,
-        final_steps=args.final_steps, final_seeds=args.final_seeds, sampler=args.sampler,
+        final_steps=args.final_steps, final_seeds=args.final_seeds, finalists=args.finalists, sampler=args.sampler,
         scheduler="none" if args.no_pruning else "asha")
 
 
@@ -178,7 +178,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         return 0
     if not target.is_dir():
         raise JepatuneError(f"{target} does not exist; give a sweep folder or a TOML recipe")
-    finalize(target, final_steps=args.final_steps, final_seeds=args.final_seeds)
+    finalize(target, final_steps=args.final_steps, final_seeds=args.final_seeds, finalists=args.finalists)
     print(leaderboard(target))
     return 0
 
@@ -249,22 +249,32 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 # --- demo -----------------------------------------------------------------------------------
 
+# 12 trials of 120 steps, then 2 finalists and the reference retrained at twice that with 3 seeds each:
+# about 5 minutes on 2 idle cores, and 3 paired seeds resolve a difference of a few hundredths of a BPB.
 DEMO_SWEEP = dict(name="sweep", space="curriculum", samples=12, trial_steps=120, concurrency=2, preset="demo",
-                  startup_trials=6, final_steps=300, final_seeds=2)
+                  startup_trials=6, final_steps=240, final_seeds=3, finalists=2)
+DEMO_CORPUS = dict(train_mb=4.0, val_mb=0.5)
+# --smoke-test: the same pipeline at a size that checks an install (and the tests) in seconds.
+SMOKE_SWEEP = {**DEMO_SWEEP, "samples": 4, "trial_steps": 16, "startup_trials": 2, "final_steps": 24,
+               "final_seeds": 2}
+SMOKE_CORPUS = dict(train_mb=0.6, val_mb=0.1)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The whole pipeline on CPU in a few minutes: corpus, sweep, retrain, tables, leaderboard, report."""
+    """The whole pipeline on CPU in a few minutes: corpus, sweep, finalists' retrain, tables, report, answer."""
+    from jepatune.analysis.finalists import conclusion
     from jepatune.analysis.report import write_report
+    from jepatune.analysis.tables import load_tables
     from jepatune.search.sweep import SweepSettings, finalize, leaderboard, run_sweep
     from jepatune.trainer import corpora
 
     out = _prepare_out(args.out)
-    settings = SweepSettings(data=str(out / "data"), out=str(out), **DEMO_SWEEP)
+    sizes, corpus = (SMOKE_SWEEP, SMOKE_CORPUS) if args.smoke_test else (DEMO_SWEEP, DEMO_CORPUS)
+    settings = SweepSettings(data=str(out / "data"), out=str(out), **sizes)
     if (settings.folder / "sweep.json").exists():
         raise JepatuneError(f"{settings.folder} already holds a demo sweep; use another --out or delete it")
     t0 = time.perf_counter()
-    info = corpora.build_demo(settings.data)
+    info = corpora.build_demo(settings.data, **corpus)
     print(f"demo corpus: {settings.data} ({info['train_bytes']:,} train / {info['val_bytes']:,} val bytes)")
     print(f"sweep: {settings.samples} trials of the '{settings.preset}' model, {settings.trial_steps} steps each, "
           f"ASHA rungs at {list(settings.rungs)}, {settings.concurrency} at a time")
@@ -273,9 +283,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     finalize(settings.folder)
     print(leaderboard(settings.folder))
     print(f"experiment folder: {settings.folder}\n  tables: {settings.folder / 'tables'}/"
-          f"{{trials,curves,decisions,final}}.parquet\n  best recipe: {settings.folder / 'best.toml'}")
+          f"{{trials,curves,decisions,final,finalists}}.parquet\n  best recipe: {settings.folder / 'best.toml'}")
     print(f"  report: {write_report(settings.folder, log=print)} (figures in report/)")
     print(f"demo finished in {time.perf_counter() - t0:.0f}s")
+    print(conclusion(load_tables(settings.folder)["finalists"]))
     return 0
 
 
@@ -297,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole pipeline on CPU: demo corpus, a 12-trial sweep, retrain, tables")
     p.add_argument("--out", type=Path, default=Path(DEMO_OUT))
+    p.add_argument("--smoke-test", action="store_true",
+                   help="the same pipeline at a size that runs in seconds (checks an install)")
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("train", help="train one ByteJEPA model and export the int8+zlib artifact")
@@ -336,15 +349,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, default=2, help="restarts of a failed trial from its checkpoint")
     p.add_argument("--checkpoint-every", type=int, default=1,
                    help="checkpoint every Nth rung (always the last); 0 = the last only")
-    p.add_argument("--final-steps", type=int, default=0, help="retrain the best and the reference at this budget")
-    p.add_argument("--final-seeds", type=int, default=3, help="seeds per retrained recipe (run in parallel)")
+    p.add_argument("--final-steps", type=int, default=0,
+                   help="retrain the finalists and the reference at this budget; the best retrain wins (0 = none)")
+    p.add_argument("--final-seeds", type=int, default=3,
+                   help="seeds per retrained recipe, none a trial's seed (run in parallel)")
+    p.add_argument("--finalists", type=int, default=3, help="the top distinct recipes by trial score to retrain")
     p.add_argument("--resume", action="store_true", help="continue the sweep in OUT/NAME after a crash")
     p.set_defaults(fn=cmd_search)
 
-    p = sub.add_parser("retrain", help="retrain a sweep's best recipe and the reference, several seeds")
+    p = sub.add_parser("retrain", help="retrain a sweep's finalists and the reference, several seeds; the best "
+                                       "retrain wins")
     p.add_argument("target", type=Path, help="a sweep folder, or a TOML recipe (e.g. a sweep's best.toml)")
     p.add_argument("--final-steps", type=int, default=0, help="budget (default: the sweep's, or the recipe's)")
     p.add_argument("--final-seeds", type=int, default=0, help="seeds (default: the sweep's, or 3)")
+    p.add_argument("--finalists", type=int, default=0, help="for a sweep: recipes to retrain (default: the sweep's)")
     p.add_argument("--data", type=Path, help="for a recipe: its byte-shard folder (default: the recipe's)")
     p.add_argument("--out", type=Path, default=Path("runs/retrain"), help="for a recipe: the output folder")
     p.set_defaults(fn=cmd_retrain)

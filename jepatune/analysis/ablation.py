@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from jepatune.analysis import schema
-from jepatune.analysis.explore import compare_final
+from jepatune.analysis.explore import pair_by_seed
 from jepatune.analysis.tables import TABLES_DIR, read_trials, write_parquet
 from jepatune.errors import JepatuneError
 
@@ -32,40 +32,39 @@ def ablation_table(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per variant of the `ablation_runs` table, the base first, then in order of appearance.
 
     mean_bpb and std_bpb are over the variant's completed runs with a val_bpb (std NaN for one run).
-    Pairing is by seed: a seed missing (or not completed) on either side is left out of that pair;
-    n counts the paired seeds (for the base, its completed runs). delta is the mean of the paired
-    differences variant - base (negative: the variant is better), with the 95% t interval of those
-    differences (`explore.compare_final` on the paired runs) when n >= 2; significant when the
-    interval excludes 0. delta, ci_low and ci_high are NaN for the base. A seed run twice by one
-    variant counts once (the last row)."""
+    Pairing is by seed, as in `explore.compare_final` (`explore.pair_by_seed`): a seed missing (or not
+    completed) on either side is left out of that pair; n counts the paired seeds (for the base, its
+    completed runs). delta is the mean of the paired differences variant - base (negative: the
+    variant is better), with the 95% t interval of those differences when n >= 2; significant when
+    the interval excludes 0. delta, ci_low and ci_high are NaN for the base. A seed run twice by one
+    variant counts once (its last completed row). Each row also carries `missing` (the seeds left out
+    of the pair and why, "" when none)."""
     done = runs["status"].eq("completed").fillna(False).astype(bool).to_numpy() & runs["val_bpb"].notna().to_numpy()
     ok = runs[done].drop_duplicates(["variant", "seed"], keep="last")
     order = sorted(dict.fromkeys(runs["variant"]), key=lambda v: v != BASE)  # stable: the base moves first
     changes = runs.drop_duplicates("variant").set_index("variant")["change"]
-    base = ok[ok["variant"].eq(BASE).to_numpy()]
+    base = runs[runs["variant"].eq(BASE).to_numpy()]
     rows = []
     for variant in order:
-        runs_of = ok[ok["variant"].eq(variant).to_numpy()]
-        bpb = runs_of["val_bpb"].astype(float)
-        row = {"variant": variant, "change": changes[variant], "n": len(runs_of), "mean_bpb": bpb.mean(),
-               "std_bpb": bpb.std(), "delta": math.nan, "ci_low": math.nan, "ci_high": math.nan}
+        bpb = ok.loc[ok["variant"].eq(variant).to_numpy(), "val_bpb"].astype(float)
+        row = {"variant": variant, "change": changes[variant], "n": len(bpb), "mean_bpb": bpb.mean(),
+               "std_bpb": bpb.std(), "delta": math.nan, "ci_low": math.nan, "ci_high": math.nan, "missing": ""}
         if variant != BASE:
-            row.update(_paired(variant, runs_of, base))
+            row.update(_paired(variant, runs[runs["variant"].eq(variant).to_numpy()], base))
         row["significant"] = bool(row["ci_low"] > 0 or row["ci_high"] < 0)  # False when NaN
         rows.append(row)
     return pd.DataFrame(rows, columns=list(schema.ABLATION)).astype(schema.ABLATION)
 
 
 def _paired(variant: str, runs_of: pd.DataFrame, base: pd.DataFrame) -> dict[str, Any]:
-    """n, delta and its interval over the seeds both ran."""
-    common = set(runs_of["seed"]) & set(base["seed"])
-    if not common:
-        return {"n": 0}
-    pair = pd.concat([runs_of, base])
-    pair = pair[pair["seed"].isin(common).to_numpy()].rename(columns={"variant": "recipe"})
-    compared = compare_final(pair, reference=BASE).set_index("recipe").loc[variant]
-    return {"n": len(common), "delta": compared["delta"], "ci_low": compared["ci_low"],
-            "ci_high": compared["ci_high"]}
+    """n, delta, its interval and the missing seeds: every run of the variant against every run of
+    the base (errored and diverged ones too, so that `missing` can say why a seed is left out)."""
+    if base.empty:
+        return {"n": 0, "missing": f"no {BASE} run"}
+    # Only "completed" runs count here; pair_by_seed would count a run with no status as finished.
+    runs_of, base = (r.assign(status=r["status"].fillna("without status")) for r in (runs_of, base))
+    pair = pair_by_seed(runs_of, base, (variant, BASE))
+    return {"n": pair["n_paired"], **{k: pair[k] for k in ("delta", "ci_low", "ci_high", "missing")}}
 
 
 def read_plan(folder: str | os.PathLike) -> dict[str, Any]:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import math
 import os
 import statistics
+from collections.abc import Iterable
 from dataclasses import fields
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import optuna
@@ -33,12 +34,13 @@ _T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622
 
 
 class Tables(NamedTuple):
-    """The four tables of a sweep (columns: `jepatune.analysis.schema`, plus the knob columns of trials)."""
+    """The tables of a sweep (columns: `jepatune.analysis.schema`, plus the knob columns of trials)."""
 
     trials: pd.DataFrame
     curves: pd.DataFrame
     decisions: pd.DataFrame
     final: pd.DataFrame
+    finalists: pd.DataFrame
 
 
 def load(folder: str | os.PathLike) -> Tables:
@@ -229,8 +231,9 @@ def rung_correlation(trials: pd.DataFrame, curves: pd.DataFrame, decisions: pd.D
     trial there, it would have stopped that one. False when the rung has no cut-off or no value.
 
     Columns: rung, n (completed trials with a value at the rung), spearman (rung val_bpb vs final
-    val_bpb; NaN when n < 3), cutoff (the largest recorded), best_stopped_here, stopped (trials ASHA
-    stopped at the rung)."""
+    val_bpb; NaN when n < 3), ci_low/ci_high (its approximate 95% interval, `spearman_interval`: at
+    n = 5 it spans most of [-1, 1]), cutoff (the largest recorded), best_stopped_here, stopped
+    (trials ASHA stopped at the rung)."""
     done = _completed(trials)
     final = done.set_index("trial_id")["last_val_bpb"].astype(float)
     judged_at = decisions["step"].fillna(decisions["rung"])  # rows written without a step: the rung itself
@@ -250,13 +253,23 @@ def rung_correlation(trials: pd.DataFrame, curves: pd.DataFrame, decisions: pd.D
         value = at.get(best, math.nan) if best is not None else math.nan
         stopped = judged.loc[judged["decision"].isin(("stop", "audit")).fillna(False).astype(bool).to_numpy(),
                              "trial_id"]
-        rows.append({"rung": rung, "n": len(both),
-                     "spearman": spearman(both["rung"], both["final"]) if len(both) >= 3 else math.nan,
+        rho = spearman(both["rung"], both["final"]) if len(both) >= 3 else math.nan
+        low, high = spearman_interval(rho, len(both))
+        rows.append({"rung": rung, "n": len(both), "spearman": rho, "ci_low": low, "ci_high": high,
                      "cutoff": cutoff, "best_stopped_here": bool(value > cutoff), "stopped": stopped.nunique()})
-    columns = ["rung", "n", "spearman", "cutoff", "best_stopped_here", "stopped"]
+    columns = ["rung", "n", "spearman", "ci_low", "ci_high", "cutoff", "best_stopped_here", "stopped"]
     return pd.DataFrame(rows, columns=columns).astype({"rung": "Int64", "n": "Int64", "spearman": float,
-                                                       "cutoff": float, "best_stopped_here": bool,
-                                                       "stopped": "Int64"})
+                                                       "ci_low": float, "ci_high": float, "cutoff": float,
+                                                       "best_stopped_here": bool, "stopped": "Int64"})
+
+
+def spearman_interval(rho: float, n: int) -> tuple[float, float]:
+    """An approximate 95% interval of a Spearman correlation over `n` pairs: Fisher's z with the
+    standard error 1.06 / sqrt(n - 3) (Fieller, Hartley and Pearson, 1957). NaN below 4 pairs."""
+    if n < 4 or not math.isfinite(rho):
+        return math.nan, math.nan
+    z, half = math.atanh(max(-0.999999, min(0.999999, rho))), 1.959964 * 1.06 / math.sqrt(n - 3)
+    return math.tanh(z - half), math.tanh(z + half)
 
 
 def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -299,37 +312,107 @@ def t_quantile_975(df: int) -> float:
     return z + g1 / df + g2 / df**2 + g3 / df**3
 
 
-def compare_final(final: pd.DataFrame, reference: str = "reference") -> pd.DataFrame:
-    """The final retrain per recipe, each against `reference`, over runs that finished
-    (status "completed" or unknown) with a val_bpb. When the table holds retrains at several budgets
-    (`steps`), only those at the newest retrain's budget (its last row's) are compared.
+def _newest_config(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows (in table order) of the newest recipe run under one label: those with the
+    `recipe_key` (the config without its seed) of the label's last row. A retrain of another recipe
+    under the same label (a sweep's new winner, say) replaces the older one rather than being pooled
+    with it. Without a `recipe_key` every row is taken."""
+    if "recipe_key" not in rows.columns or rows["recipe_key"].isna().all():
+        return rows
+    newest = rows["recipe_key"].iloc[-1]
+    return rows[rows["recipe_key"].eq(newest).fillna(False).astype(bool).to_numpy()]
 
-    delta = mean val_bpb of the recipe - mean of the reference (negative: better). When both ran the
-    same seeds (2 or more, once each), ci_low/ci_high is the 95% t interval of the per-seed
-    differences (paired by seed); otherwise NaN. Sorted by mean.
+
+def _seed_outcomes(runs: pd.DataFrame) -> tuple[pd.Series, dict[int, str]]:
+    """(val_bpb per seed that finished: status "completed" or unknown, with a val_bpb; why each other
+    seed did not: its status, or "has no val_bpb"). A seed run twice counts once: its last finished
+    row, else its last row. Rows without a seed cannot be paired and are left out."""
+    runs = runs[runs["seed"].notna().to_numpy()]
+    seeds = runs["seed"].astype(int).to_numpy()
+    done = ((runs["status"].isna() | runs["status"].eq("completed")).fillna(False).astype(bool).to_numpy()
+            & runs["val_bpb"].notna().to_numpy())
+    values = pd.Series(runs["val_bpb"].astype(float).to_numpy()[done], index=seeds[done])
+    values = values[~values.index.duplicated(keep="last")].sort_index()
+    why = {}
+    for seed, status in zip(seeds[~done], runs["status"].to_numpy()[~done], strict=True):
+        if seed not in values.index:
+            why[int(seed)] = "has no val_bpb" if pd.isna(status) or status == "completed" else str(status)
+    return values, why
+
+
+def _seed_list(seeds: Iterable[int]) -> str:
+    seeds = sorted(seeds)
+    return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds))
+
+
+def pair_by_seed(runs: pd.DataFrame, reference: pd.DataFrame,
+                 names: tuple[str, str] = ("recipe", "reference")) -> dict[str, Any]:
+    """One side's runs against the reference's (columns seed, status, val_bpb), paired by seed.
+
+    Only seeds that finished on both sides pair (see `_seed_outcomes`). Keys: n_paired (those
+    seeds), delta (mean of the paired differences runs - reference, NaN when none pair), ci_low and
+    ci_high (its 95% t interval, NaN below 2 pairs), paired (n_paired >= 2), missing (every seed one
+    side ran that is not in the pair, and why, naming the sides by `names`: "best seed 1 diverged;
+    reference lacks seed 2"; "" when none)."""
+    x, x_why = _seed_outcomes(runs)
+    ref, ref_why = _seed_outcomes(reference)
+    common = x.index.intersection(ref.index).sort_values()
+    d = x.loc[common] - ref.loc[common]
+    out = {"n_paired": len(d), "delta": d.mean() if len(d) else math.nan, "ci_low": math.nan,
+           "ci_high": math.nan, "paired": len(d) >= 2}
+    if len(d) >= 2:
+        half = t_quantile_975(len(d) - 1) * d.std() / math.sqrt(len(d))
+        out.update(ci_low=d.mean() - half, ci_high=d.mean() + half)
+    seen = set(x.index) | set(x_why) | set(ref.index) | set(ref_why)
+    parts = []
+    for name, values, why in ((names[0], x, x_why), (names[1], ref, ref_why)):
+        absent = seen - set(values.index) - set(why)
+        if absent:
+            parts.append(f"{name} lacks {_seed_list(absent)}")
+        for reason in dict.fromkeys(why[s] for s in sorted(why)):
+            parts.append(f"{name} {_seed_list(s for s in why if why[s] == reason)} {reason}")
+    out["missing"] = "; ".join(parts)
+    return out
+
+
+def compare_final(final: pd.DataFrame, reference: str = "reference") -> pd.DataFrame:
+    """The final retrain per recipe, each against `reference`, paired by seed.
+
+    Rows compared: when the table holds retrains at several budgets (`steps`), only those at the
+    newest retrain's budget (its last row's). When one label holds retrains of several configs
+    (a re-run of the retrain with another config under the same label, e.g. a new "best"), only
+    the label's newest config counts (the one of its last row; the table is append-ordered) and
+    its older rows are ignored, on the reference's side as well (`_newest_config` says how configs
+    are told apart by `recipe_key`). A run counts when it finished: status "completed" or unknown,
+    with a val_bpb; a seed run twice counts once (its last finished row).
+
+    mean, std and count are over the recipe's own finished runs. delta is the mean of the per-seed
+    differences recipe - reference (negative: better) over the seeds both finished (n_paired),
+    NaN when none; with 2 or more, ci_low/ci_high is their 95% paired t interval and paired is True,
+    else NaN and False. missing names every seed either side ran that is not in the pair, and why
+    ("best seed 1 diverged; reference lacks seed 2"; "" when none; "no reference run" without any).
+    Recipes with no finished run have no row. Sorted by mean.
 
     Columns: recipe, mean, std, count, delta (NaN for the reference itself, or with no reference),
-    ci_low, ci_high, paired."""
-    columns = ["recipe", "mean", "std", "count", "delta", "ci_low", "ci_high", "paired"]
+    ci_low, ci_high, paired, n_paired (<NA> for the reference itself), missing."""
+    columns = ["recipe", "mean", "std", "count", "delta", "ci_low", "ci_high", "paired", "n_paired", "missing"]
     if "steps" in final and final["steps"].nunique() > 1:
         final = final[final["steps"].eq(final["steps"].iloc[-1]).fillna(False).astype(bool).to_numpy()]
-    ok = final[(final["status"].isna() | final["status"].eq("completed")).fillna(False).astype(bool).to_numpy()
-               & final["val_bpb"].notna().to_numpy()]
-    runs = {str(r): g.set_index("seed")["val_bpb"].astype(float) for r, g in ok.groupby("recipe")}
-    ref = runs.get(reference)
+    labels = {str(r): _newest_config(g) for r, g in final.groupby("recipe")}
+    ref = labels.get(reference)
     rows = []
-    for recipe, x in runs.items():
+    for recipe, runs in labels.items():
+        x, _ = _seed_outcomes(runs)
+        if x.empty:
+            continue
         row = {"recipe": recipe, "mean": x.mean(), "std": x.std(), "count": len(x), "delta": math.nan,
-               "ci_low": math.nan, "ci_high": math.nan, "paired": False}
-        if ref is not None and recipe != reference:
-            row["delta"] = x.mean() - ref.mean()
-            same = x.index.is_unique and ref.index.is_unique and set(x.index) == set(ref.index)
-            if same and len(x) >= 2:
-                d = x - ref.loc[x.index]
-                half = t_quantile_975(len(d) - 1) * d.std() / math.sqrt(len(d))
-                row.update(ci_low=d.mean() - half, ci_high=d.mean() + half, paired=True)
+               "ci_low": math.nan, "ci_high": math.nan, "paired": False, "n_paired": pd.NA, "missing": ""}
+        if recipe != reference:
+            row.update(pair_by_seed(runs, ref, (recipe, reference)) if ref is not None
+                       else {"n_paired": 0, "missing": f"no {reference} run"})
         rows.append(row)
     out = pd.DataFrame(rows, columns=columns).astype({"recipe": "string", "mean": float, "std": float,
                                                       "count": "Int64", "delta": float, "ci_low": float,
-                                                      "ci_high": float, "paired": bool})
+                                                      "ci_high": float, "paired": bool, "n_paired": "Int64",
+                                                      "missing": "string"})
     return out.sort_values("mean", kind="stable").reset_index(drop=True)

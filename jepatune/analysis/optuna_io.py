@@ -7,7 +7,7 @@
     points = import_study(path, "sweep", "curriculum")
 
 The export copies the sweep's own Optuna study (Ray's searcher state): the space's parameters
-(e.g. bridge_frac), their distributions, intermediate values by step, PRUNED and FAIL states and
+(e.g. bridge_share), their distributions, intermediate values by step, PRUNED and FAIL states and
 the constraints. Without searcher state it is rebuilt from the `trials` and `curves` tables; its
 parameters are then the TrainConfig knobs (e.g. ce_pure_frac), not the space's.
 """
@@ -35,7 +35,7 @@ JOURNAL_NAME = "optuna.journal"
 TrialState = optuna.trial.TrialState
 # Table status -> Optuna state; incomplete trials are left out.
 STATES = {"completed": TrialState.COMPLETE, "diverged": TrialState.COMPLETE, "infeasible": TrialState.COMPLETE,
-          "oom": TrialState.COMPLETE, "pruned": TrialState.PRUNED, "errored": TrialState.FAIL}
+          "oom": TrialState.FAIL, "pruned": TrialState.PRUNED, "errored": TrialState.FAIL}
 
 
 def journal_storage(path: str | os.PathLike) -> optuna.storages.JournalStorage:
@@ -91,11 +91,13 @@ def _float(value: Any) -> float | None:
 def table_trials(folder: str | os.PathLike) -> list[optuna.trial.FrozenTrial]:
     """The sweep's trials rebuilt from its tables: knob columns as params (distributions inferred as
     `explore.importance` does), last_val_bpb as value (PRUNED: like Optuna, the last reported one),
-    val_bpb by step as intermediate values; errored trials FAIL, incomplete ones left out, infeasible
-    ones with the space constraint at 1. User attrs: trial_id, status, is_reference."""
+    val_bpb by step as intermediate values; errored and oom trials FAIL, incomplete ones left out,
+    infeasible ones with the space constraint at 1, diverged and infeasible ones with the failure
+    constraint at 1 (as the sweep told them). User attrs: trial_id, status, is_reference."""
     from jepatune.analysis.explore import _distribution, knob_columns
+    from jepatune.analysis.schema import PENALIZED
     from jepatune.analysis.tables import load_tables
-    from jepatune.spaces import CONSTRAINT_KEY
+    from jepatune.spaces import CONSTRAINT_KEY, FAILURE_CONSTRAINT
 
     tables = load_tables(folder)
     trials, curves = tables["trials"], tables["curves"]
@@ -116,7 +118,8 @@ def table_trials(folder: str | os.PathLike) -> list[optuna.trial.FrozenTrial]:
             intermediate_values=steps.get(row["trial_id"], {}),
             user_attrs={"trial_id": row["trial_id"], "status": row["status"],
                         "is_reference": bool(pd.notna(row["is_reference"]) and row["is_reference"])},
-            constraints={CONSTRAINT_KEY: 1.0 if row["status"] == "infeasible" else 0.0}))
+            constraints={CONSTRAINT_KEY: 1.0 if row["status"] == "infeasible" else 0.0,
+                         FAILURE_CONSTRAINT: 1.0 if row["status"] in PENALIZED else 0.0}))
     return out
 
 

@@ -322,7 +322,7 @@ def _recipe_order(recipes: Sequence[str]) -> list[str]:
 def final_comparison(final: pd.DataFrame) -> Figure:
     """The final retrain at equal budget: each seed's post-quant val_bpb per recipe (the same seed
     joined across recipes), the mean with its 95% t interval, and the paired delta in the title."""
-    title = "Best recipe vs reference at equal budget\n(val BPB after the int8+zlib round trip, full val split)"
+    title = "Retrained recipes at equal budget\n(val BPB after the int8+zlib round trip, full val split)"
     ok = final[_flags(final["status"].isna() | final["status"].eq("completed")) & final["val_bpb"].notna().to_numpy()]
     if ok.empty:
         return _message("no finished retrain run yet", title)
@@ -354,4 +354,55 @@ def final_comparison(final: pd.DataFrame) -> Figure:
     ax.title.set_fontsize(9)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def winners_curse(finalists: pd.DataFrame) -> Figure:
+    """Each retrained recipe's trial score (x) against its retrain mean with a 95% t interval (y). The
+    dashed line is the reference's own drift from trial to retrain: a finalist above it lost more
+    than the reference did, what its selection on one noisy trial had flattered (the winner's curse)."""
+    title = "Trial score vs retrain (the winner's curse)"
+    rows = finalists.dropna(subset=["trial_bpb", "mean"])
+    if rows.empty:
+        return _message("no retrained recipe with a trial score yet", title)
+    fig = _figure(7.0, 4.5)
+    ax = fig.add_subplot()
+    for row in rows.itertuples():
+        n = int(row.n)
+        half = explore.t_quantile_975(n - 1) * row.std / math.sqrt(n) if n > 1 and pd.notna(row.std) else 0.0
+        color = "tab:orange" if row.recipe == "reference" else "tab:green" if row.winner else "tab:blue"
+        ax.errorbar([row.trial_bpb], [row.mean], yerr=[[half], [half]], fmt="o", color=color, capsize=4, zorder=3)
+        ax.annotate(f"{row.recipe}" + (" (winner)" if row.winner else ""), (row.trial_bpb, row.mean), fontsize=8,
+                    xytext=(5, 5), textcoords="offset points")
+    lo, hi = float(rows["trial_bpb"].min()), float(rows["trial_bpb"].max())
+    pad = max(hi - lo, 0.01) * 0.2
+    xs = np.array([lo - pad, hi + pad])
+    ref = rows[rows["recipe"].eq("reference")]
+    if len(ref):
+        drift = float(ref["drift"].iloc[0])
+        ax.plot(xs, xs + drift, "--", color="tab:orange", lw=1, label=f"reference's drift ({drift:+.3f})")
+        ax.legend(fontsize=8)
+    ax.set(xlabel=f"trial score ({BPB}, trial budget, val prefix)", ylabel=f"retrain mean ({BPB}, full val)",
+           title=title)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def retrain_curves(curves: pd.DataFrame) -> Figure:
+    """Val BPB against step of every retrain run (columns recipe, seed, step, val_bpb; the val prefix
+    its evaluations use), one colour per recipe: a curve still falling at the end wants a longer
+    budget, one that turns up before it a stream or schedule that pulls the model away."""
+    title = "Retrain runs: val BPB during training (val prefix)"
+    if curves.empty:
+        return _message("no retrain run has reported yet", title)
+    fig = _figure()
+    ax = fig.add_subplot()
+    recipes = _recipe_order(list(curves["recipe"].astype(str).unique()))
+    colors = {r: ("tab:orange" if r == "reference" else f"C{i}") for i, r in enumerate(recipes)}
+    for (recipe, _), run in curves.groupby(["recipe", "seed"], sort=False):
+        run = run.sort_values("step")
+        ax.plot(run["step"], run["val_bpb"], color=colors[str(recipe)], lw=1, alpha=0.8)
+    ax.legend(handles=[Line2D([], [], color=colors[r], label=r) for r in recipes], fontsize=8)
+    ax.set(xlabel="step", ylabel=BPB, title=title)
+    ax.grid(alpha=0.3)
     return fig

@@ -137,15 +137,17 @@ def _sweep_report(folder: Path, r: _Report) -> None:
     if counts.get("incomplete"):
         r.text("", f"{counts['incomplete']} trials had not finished when the tables were built: the sweep is "
                    f"running, or stopped (`jepatune search --resume` continues it).")
+    replays = _replay_table(tables, folder)
+    _conclusion(r, folder, tables, settings, replays, rungs)
     _leaderboard(r, trials)
     _curves(r, tables, rungs)
     _by_param(r, trials)
     _parallel(r, trials)
     _importance(r, trials)
     _rungs(r, tables)
-    _audits(r, tables.trials)
-    _replays(r, tables, folder)
-    _final(r, tables.final)
+    _audits(r, tables, settings)
+    _replays(r, replays)
+    _finalists(r, tables, folder)
     r.section("Ablations")
     found = sorted(p.parent for p in (folder / ABLATIONS_DIR).glob(f"*/{ABLATION_NAME}"))
     if not found:
@@ -201,8 +203,10 @@ def _importance(r: _Report, trials: pd.DataFrame) -> None:
     except JepatuneError as e:
         r.missing(str(e))
         return
-    r.text("Optuna's PED-ANOVA over the completed trials: how much each knob separates the best trials "
-           "from the rest.", "")
+    n = len(explore._completed(trials))
+    r.text(f"Optuna's PED-ANOVA over the {n} completed trials: how much each knob separates the best trials "
+           "from the rest." + (f" With {n} trials this is a hint at most: a knob's importance moves a lot with each "
+                               "trial added until there are a few tens." if n < 20 else ""), "")
     r.table(imp)
     r.figure("importance.png", plots.importance_bars(imp), "importance")
 
@@ -213,50 +217,156 @@ def _rungs(r: _Report, tables: explore.Tables) -> None:
     if rungs.empty or explore._completed(tables.trials).empty:
         r.missing("no ASHA rung reached yet" if rungs.empty else "no completed trial to compare the rungs with yet")
         return
-    r.text("How well each ASHA rung's ranking predicts the final one (Spearman over completed trials), and "
-           "whether the eventual best trial would have been stopped there. Read before trusting the pruning.", "")
+    few = int(rungs["n"].max()) if len(rungs) else 0
+    r.text("How well each ASHA rung's ranking predicts the final one (Spearman over the `n` completed trials, "
+           "with an approximate 95% interval), and whether the eventual best trial would have been stopped there. "
+           "Read before trusting the pruning." + (f" With at most {few} trials per rung the intervals span most of "
+                                                  "[-1, 1]: a correlation here is no evidence either way."
+                                                  if few < 10 else ""), "")
     r.table(rungs)
     r.figure("rungs.png", plots.rung_scatter(tables.trials, tables.curves, rungs), "rung correlation")
 
 
-def _audits(r: _Report, trials: pd.DataFrame) -> None:
+def _audits(r: _Report, tables: explore.Tables, settings: dict[str, Any]) -> None:
     r.section("False stops (audit trials)")
-    audit = explore.false_stops(trials)
+    audit = explore.false_stops(tables.trials)
     if not audit.loc[0, "audited"]:
-        r.missing("no audit trial finished yet (a share `--audit-frac` of ASHA's stops runs to the end anyway)")
+        stops = tables.decisions["decision"].isin(("stop", "audit")).sum() if len(tables.decisions) else 0
+        if not settings.get("audit_frac", 0) and settings.get("scheduler", "asha") == "asha":
+            r.missing("audits are off (`--audit-frac 0`): no stop is run on, so this sweep cannot say how often its "
+                      "pruning is wrong")
+        elif not stops:
+            r.missing("ASHA stopped no trial: there is nothing to audit")
+        else:
+            r.missing("the audited trial has not finished yet (the first stop is always audited, then each with "
+                      f"probability {settings.get('audit_frac', 0):g})")
         return
-    r.text("Trials ASHA stopped but ran to the end anyway, chosen at random: a stop is false when the trial "
-           "ended better than the median of the trials ASHA kept. The rate's interval is Wilson's 95%.", "")
+    n = int(audit.loc[0, "audited"])
+    r.text("Trials ASHA stopped but ran to the end anyway (the first stop, then a random share): a stop is false "
+           "when the trial ended better than the median of the trials ASHA kept. The rate's interval is Wilson's "
+           f"95%; from {n} audit{'s' if n != 1 else ''} it is {'wide' if n < 10 else 'indicative'}.", "")
     r.table(audit)
 
 
-def _replays(r: _Report, tables: explore.Tables, folder: Path) -> None:
+def _replay_table(tables: explore.Tables, folder: Path) -> pd.DataFrame:
     from jepatune.analysis.replay import sweep_replays
     from jepatune.search.sweep import read_settings
 
-    r.section("Other pruning settings, replayed")
     s = read_settings(folder)
-    replays = sweep_replays(tables.curves, tables.trials, s.rungs, s.fidelity, s.probe_length)
+    return sweep_replays(tables.curves, tables.trials, s.rungs, s.fidelity, s.probe_length)
+
+
+def _replays(r: _Report, replays: pd.DataFrame) -> None:
+    r.section("Other pruning settings, replayed")
     if replays.empty:
         r.missing("nothing to replay yet: it needs completed trials and a rung below the budget")
         return
-    r.text("ASHA replayed offline on the recorded rung values of the trials whose whole curve is known "
-           "(completed and audited ones), over 100 random arrival orders: trials kept to the end, the share of "
-           "orders that stopped the best of them, the compute against running all of them to the end. No new "
-           "training; the full study of fidelities is `bench/fidelity_study.py`.", "")
+    r.text("ASHA replayed offline on the recorded rung values of every trial that reported one (pruned trials "
+           "with the values they reached, their final unknown), over 100 random arrival orders: trials kept to the "
+           "end, how many have a known final (`scored`), the share of orders that stopped the best scored trial, "
+           "the compute (an upper bound: a trial promoted past its data counts as run to the end; `compute_low` "
+           "the lower) against running all of them to the end. No new training; the full study of fidelities is "
+           "`bench/fidelity_study.py`.", "")
     r.table(replays)
 
 
-def _final(r: _Report, final: pd.DataFrame) -> None:
-    r.section("Best recipe vs reference at equal budget")
-    summary = explore.compare_final(final)
-    if summary.empty:
+def _own_replay(replays: pd.DataFrame, rungs: list[int]) -> pd.Series | None:
+    """The replay row of the sweep's own setting (its rungs, on the value ASHA judged)."""
+    if replays.empty:
+        return None
+    own = replays[replays["milestones"].eq(",".join(map(str, rungs[:-1]))).fillna(False).astype(bool).to_numpy()
+                  & replays["column"].eq("val_bpb").fillna(False).astype(bool).to_numpy()]
+    return own.iloc[0] if len(own) else None
+
+
+def _pruning_sentence(replays: pd.DataFrame, rungs: list[int]) -> str | None:
+    own = _own_replay(replays, rungs)
+    if own is None:
+        return None
+    scored = int(own["scored"])
+    text = (f"Replayed over 100 arrival orders of its {int(own['trials'])} trials, this sweep's own ASHA setting "
+            f"(rungs {own['milestones']}) stops the best of the {scored} trials with a known final in "
+            f"{own['best_stopped']:.0%} of orders, for {own['compute_frac']:.0%} of the compute of running every "
+            f"trial to the end")
+    safe = replays[replays["best_stopped"].eq(0).to_numpy() & replays["column"].eq("val_bpb").to_numpy()]
+    if own["best_stopped"] > 0 and len(safe):
+        cheapest = safe.sort_values("compute_frac").iloc[0]
+        text += (f"; the cheapest replayed setting that never stopped it is a first rung at step "
+                 f"{int(cheapest['grace'])} with reduction factor {cheapest['reduction_factor']:g} "
+                 f"({cheapest['compute_frac']:.0%} of the compute)")
+    elif own["best_stopped"] > 0:
+        text += "; every replayed setting stopped it in some orders: the rungs are too early for this sweep"
+    if scored < 10:
+        text += f" (from {scored} scored trials only: a hint, not a measurement)"
+    return text + "."
+
+
+def _conclusion(r: _Report, folder: Path, tables: explore.Tables, settings: dict[str, Any],
+                replays: pd.DataFrame, rungs: list[int]) -> None:
+    """The report's first statement: which recipe to use, by how much and how sure; then the next steps."""
+    from jepatune.analysis.finalists import conclusion, trial_to_final_spearman
+
+    r.section("Conclusion")
+    table = tables.finalists
+    if table.empty:
+        r.missing("No retrain yet, so no answer: the best trial is one noisy draw at the trial budget, chosen in "
+                  f"sample. `jepatune retrain {folder} --final-steps N` retrains the top "
+                  f"{settings.get('finalists', 3)} recipes and the reference with seeds no trial used.")
+        return
+    r.text(conclusion(table), "")
+    r.contents.setdefault("Conclusion", conclusion(table))
+    rho, k = trial_to_final_spearman(table), int(table["trial_bpb"].notna().sum())
+    curse = table.loc[table["finalist"].fillna(False).astype(bool) & ~table["recipe"].eq("reference"),
+                      "excess_drift"].mean()
+    bullets = [f"- Recipe: `{folder / 'best.toml'}` (`jepatune train --config {folder / 'best.toml'}` trains it "
+               "again).",
+               f"- Next: `jepatune ablate --sweep {folder} --preset jepa-vs-ce --seeds 5` measures what the "
+               "winner's curriculum is worth, one change at a time."]
+    if pd.notna(curse):
+        bullets.append(f"- Winner's curse: the finalists' retrain means drifted {curse:+.4f} BPB from their trial "
+                       "scores beyond the reference's own drift (positive: the trial scores flattered them).")
+    if pd.notna(rho):
+        bullets.append(f"- Trial budget to final budget: Spearman {rho:+.2f} between trial scores and retrain "
+                       f"means over {k} recipes" + (" (too few to say much)." if k < 6 else "."))
+    r.text(*bullets)
+    if (pruning := _pruning_sentence(replays, rungs)) is not None:
+        r.text(f"- Pruning: {pruning}")
+
+
+def _finalists(r: _Report, tables: explore.Tables, folder: Path) -> None:
+    from jepatune.analysis.finalists import trial_to_final_spearman
+
+    r.section("Finalists, retrained out of sample")
+    table = tables.finalists
+    if table.empty:
         r.missing("no final retrain yet (`jepatune retrain DIR` runs it)")
         return
-    r.text("The best recipe and the reference retrained with the same seeds and budget, scored after the "
-           "int8+zlib round trip on the full val split; delta vs the reference with a paired 95% CI.", "")
-    r.table(summary)
-    r.figure("final.png", plots.final_comparison(final), "best vs reference")
+    steps = tables.final["steps"].dropna()
+    r.text(f"The top recipes by trial score and the reference, retrained at {int(steps.iloc[-1])} steps with seeds "
+           "no trial used, scored after the int8+zlib round trip on the full val split. The winner is the best "
+           "retrain mean. Deltas are paired by seed with 95% t intervals; `drift` = retrain mean - trial score, "
+           "`excess_drift` = drift beyond the reference's (the winner's curse).", "")
+    r.table(table)
+    rho = trial_to_final_spearman(table)
+    if pd.notna(rho):
+        r.text(f"Rank correlation between the trial scores and the retrain means: Spearman {rho:+.2f} over "
+               f"{int(table['trial_bpb'].notna().sum())} recipes.", "")
+    r.figure("winners-curse.png", plots.winners_curse(table), "trial score vs retrain")
+    r.figure("final.png", plots.final_comparison(tables.final), "finalists vs reference")
+    r.figure("retrain-curves.png", plots.retrain_curves(retrain_curves(folder, tables.final)), "retrain curves")
+
+
+def retrain_curves(folder: Path, final: pd.DataFrame) -> pd.DataFrame:
+    """(recipe, seed, step, val_bpb) of each run of the newest retrain, from its metrics.jsonl."""
+    from jepatune.analysis.finalists import newest_budget
+    from jepatune.analysis.tables import FINAL_RUNS, read_jsonl
+
+    rows, runs = [], folder / Path(FINAL_RUNS).parent
+    for run in newest_budget(final).drop_duplicates(["recipe", "seed"], keep="last").itertuples():
+        for m in read_jsonl(runs / f"{run.recipe}-seed{run.seed}" / "metrics.jsonl"):
+            if not m.get("final") and m.get("val_bpb") is not None:
+                rows.append({"recipe": run.recipe, "seed": run.seed, "step": m["step"], "val_bpb": m["val_bpb"]})
+    return pd.DataFrame(rows, columns=["recipe", "seed", "step", "val_bpb"])
 
 
 # --- ablations -----------------------------------------------------------------------------------

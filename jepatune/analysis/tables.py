@@ -32,6 +32,7 @@ TABLES_DIR = "tables"
 # Ray names trial folders <trainable>_<trial id>_<index>_<tag>; the index counts from 1 in creation order.
 TRIAL_FOLDER = re.compile(r"_([0-9a-f]{8}|[0-9a-f]{5}_\d{5})_(\d+)_")
 FINAL_RUNS = "final/runs.jsonl"
+OOM_ERROR = "MachineOutOfMemory"  # the class name of search.trainable's error, in Ray's error.txt
 STATUS_RANK = {s: i for i, s in enumerate(("completed", "diverged", "infeasible", "oom", "pruned", "errored",
                                             "incomplete"))}
 
@@ -121,7 +122,7 @@ def trial_status(trial: dict[str, Any], trial_steps: int) -> str:
     if last.get("step", 0) >= trial_steps:
         return "completed"
     if trial["error"] and trial["state"] != "TERMINATED":
-        return "errored"
+        return "oom" if OOM_ERROR in trial["error"] else "errored"
     if trial["state"] == "TERMINATED" and reports:
         return "pruned"
     return "incomplete"
@@ -166,6 +167,8 @@ def build_trials(experiment: str, trial_steps: int, knobs: list[str],
             "cached": bool(reports) and all(r.get("cached", False) for r in reports), "restarts": t["restarts"],
             "compute_steps": last.get("compute_steps", last.get("step")),
             "audited": t["trial_id"] in audited,
+            # at the end: the running weights' BPB, and the average's before the int8+zlib round trip
+            "live_bpb": last.get("live_bpb"), "avg_bpb": last.get("avg_bpb"),
         }
         row.update({k: t["params"].get(k) for k in knobs})
         trial_rows.append(row)
@@ -224,8 +227,11 @@ def write_tables(folder: str | os.PathLike) -> dict[str, Path]:
                                   key_of=_key_function(meta, settings),
                                   audited=frozenset(decisions.loc[decisions["decision"] == "audit", "trial_id"]))
     final = _typed(read_jsonl(folder / FINAL_RUNS), schema.FINAL)
+    from jepatune.analysis.finalists import finalists_table
+
     out = {}
-    for name, frame in (("trials", trials), ("curves", curves), ("decisions", decisions), ("final", final)):
+    for name, frame in (("trials", trials), ("curves", curves), ("decisions", decisions), ("final", final),
+                        ("finalists", finalists_table(final))):
         out[name] = folder / TABLES_DIR / f"{name}.parquet"
         write_parquet(frame, out[name])
     return out

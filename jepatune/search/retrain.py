@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +30,28 @@ BEST_NAME = "best.toml"
 
 def best_trial(trials: pd.DataFrame) -> pd.Series:
     """The completed trial with the lowest last val_bpb (trials stopped early are not comparable)."""
+    return top_trials(trials, 1).iloc[0]
+
+
+def top_trials(trials: pd.DataFrame, k: int) -> pd.DataFrame:
+    """The `k` best completed trials by their score, best first: one per recipe (the tables fold
+    trials of the same `config_key`), so the finalists are `k` distinct recipes."""
     done = trials[trials["status"] == "completed"]
     if done.empty:
         raise JepatuneError("no trial ran its whole budget; run more samples or lower the ASHA pruning")
-    return done.sort_values("last_val_bpb", kind="stable").iloc[0]
+    done = done.sort_values("last_val_bpb", kind="stable")
+    return (done.drop_duplicates("config_key") if "config_key" in done else done).head(k)
+
+
+def retrain_seeds(base_seed: int, n: int, used: set[int] = frozenset()) -> list[int]:
+    """`n` seeds that no trial of the sweep trained with: base_seed + 1, + 2, ... skipping `used`. A
+    retrain on the trials' own seed would rescore the very run a recipe won on (the winner's curse)."""
+    seeds, s = [], base_seed
+    while len(seeds) < n:
+        s += 1
+        if s not in used:
+            seeds.append(s)
+    return seeds
 
 
 def recipe_config(base: TrainConfig, knobs: dict[str, Any], steps: int) -> TrainConfig:
@@ -67,7 +86,8 @@ def retrain_recipe(config: TrainConfig, out: Path, seeds: int, cpus: float = 1.0
     from jepatune.analysis import schema
     from jepatune.analysis.tables import TABLES_DIR, write_parquet
 
-    frame = retrain(out, {"recipe": config, "reference": reference_of(config)}, seeds, cpus, gpus, log=log)
+    frame = retrain(out, {"recipe": config, "reference": reference_of(config)}, retrain_seeds(config.seed, seeds),
+                    cpus, gpus, log=log)
     write_parquet(pd.DataFrame(frame, columns=list(schema.FINAL)).astype(schema.FINAL),
                   out / TABLES_DIR / "final.parquet")
     from jepatune.analysis.explore import compare_final
@@ -87,10 +107,10 @@ def _run_one(config: dict[str, Any], out_dir: str) -> dict[str, Any]:
     return result.summary
 
 
-def retrain(folder: Path, runs: dict[str, TrainConfig], seeds: int, cpus: float, gpus: float,
-            log=print) -> pd.DataFrame:
-    """Train every recipe in `runs` with `seeds` seeds in parallel, skipping runs finished before;
-    return the final table rows of these runs."""
+def retrain(folder: Path, runs: dict[str, TrainConfig], seeds: Sequence[int], cpus: float, gpus: float,
+            log=print, about: dict[str, dict[str, Any]] | None = None) -> pd.DataFrame:
+    """Train every recipe in `runs` with each of `seeds` in parallel, skipping runs finished before;
+    return the final table rows of these runs. `about` adds columns to a recipe's rows (its trial)."""
     import ray
 
     from jepatune.search.trainable import config_key
@@ -101,8 +121,8 @@ def retrain(folder: Path, runs: dict[str, TrainConfig], seeds: int, cpus: float,
     task = ray.remote(_run_one).options(num_cpus=cpus, num_gpus=gpus)
     pending, wanted = {}, set()
     for recipe, config in runs.items():
-        for seed in range(seeds):
-            c = config.replace(seed=config.seed + seed)
+        for seed in seeds:
+            c = config.replace(seed=seed)
             wanted.add(key := _run_key(recipe, seed, config_key(c)))
             if key in done:
                 continue
@@ -114,9 +134,11 @@ def retrain(folder: Path, runs: dict[str, TrainConfig], seeds: int, cpus: float,
         recipe, seed, c = pending.pop(ready[0])
         summary = ray.get(ready[0])
         row = {"recipe": recipe, "seed": seed, "steps": c.iterations, "config_key": config_key(c),
+               "recipe_key": config_key(runs[recipe].replace(seed=0)),  # the recipe, whatever the seed
                **{k: summary.get(k) for k in ("status", "val_bpb", "prequant_bpb", "raw_bpb", "raw_q_bpb", "avg_bpb",
                                                "avg_q_bpb", "artifact_bytes", "total_bytes", "fits_cap",
-                                               "elapsed_s")}}
+                                               "elapsed_s")},
+               **(about or {}).get(recipe, {})}
         _append_row(final_dir / RUNS_NAME, row)  # kept as soon as it ends
         log(f"  retrain {recipe} seed {seed}: val_bpb {row['val_bpb']:.4f} after the int8+zlib round trip "
             f"({time.perf_counter() - t0:.0f}s, {len(pending)} left)")

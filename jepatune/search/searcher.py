@@ -5,8 +5,10 @@ early, low-budget value, so TPE mistakes a rung value for a final one. Here such
 trial is PRUNED, with its intermediate values reported at their step counts; Optuna then
 ranks it below trials that ran to the end. `RecordingASHA` writes every decision it takes
 (trial, rung, value, cut-off, continue or stop) to a JSON-lines file for the tables, and
-runs a random share of the trials it would stop to the end anyway (audits), so that every
-sweep measures how often its pruning is wrong.
+runs the first trial it would stop and a random share of the later ones to the end anyway
+(audits), so that every sweep measures how often its pruning is wrong. A diverged or refused
+trial is told to Optuna with a positive constraint (TPE then ranks it below every completed and
+pruned trial) and never enters ASHA's cut-offs.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ray.tune.search.optuna import OptunaSearch
 from jepatune.analysis.schema import PENALIZED
 from jepatune.analysis.tables import read_jsonl
 from jepatune.search.trainable import METRIC, TIME_ATTR
+from jepatune.spaces import FAILURE_CONSTRAINT
 
 log = logging.getLogger(__name__)
 DECISIONS_NAME = "decisions.jsonl"
@@ -34,10 +37,30 @@ class RungAwareOptunaSearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self.trial_steps = trial_steps
         self._reported: dict[str, set[int]] = {}  # steps already reported, per trial
+        self._retold: set[str] = set()  # errored trials whose rerun's outcome was added (once)
+        self._rerun_results: dict[str, list[dict]] = {}  # rung results of such reruns, until they end
+        self._max_live, self._live = 0, set()  # concurrency, kept here: see set_max_concurrency
+
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        """Limit concurrency here rather than in Ray's ConcurrencyLimiter, which drops the completion
+        of a trial it no longer counts as live: a resumed errored trial would never be told."""
+        self._max_live = max_concurrent
+        return True
+
+    def suggest(self, trial_id: str):
+        if self._max_live and len(self._live) >= self._max_live:
+            return None
+        suggestion = super().suggest(trial_id)
+        if isinstance(suggestion, dict):
+            self._live.add(trial_id)
+        return suggestion
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is None or trial_id in self._completed_trials or METRIC not in result:
+        if ot_trial is None or METRIC not in result:
+            return
+        if trial_id in self._completed_trials:  # a resumed errored trial: kept for `_tell_rerun`
+            self._rerun_results.setdefault(trial_id, []).append({k: result.get(k) for k in (TIME_ATTR, METRIC)})
             return
         step = int(result.get(TIME_ATTR, 0))
         if step not in self._reported.setdefault(trial_id, set()):  # a restored trial may report a step again
@@ -45,23 +68,50 @@ class RungAwareOptunaSearch(OptunaSearch):
             ot_trial.report(float(result[METRIC]), step)  # by step, not by report count
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self._live.discard(trial_id)
         ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is None or trial_id in self._completed_trials:
+        if ot_trial is None:
             return
-        if error or not result or METRIC not in result:
-            state, value = optuna.trial.TrialState.FAIL, None
-        elif result.get(TIME_ATTR, 0) < self.trial_steps and result.get("status") not in PENALIZED:
-            # Stopped at a rung: not a final value. Ray hands the stopping result to on_trial_complete
-            # without on_trial_result, so record it as an intermediate value first.
-            self.on_trial_result(trial_id, result)
-            state, value = optuna.trial.TrialState.PRUNED, None
-        else:
-            state, value = optuna.trial.TrialState.COMPLETE, float(result[METRIC])
+        if trial_id in self._completed_trials:
+            self._tell_rerun(trial_id, ot_trial, result, error)
+            return
+        state, value = self._outcome(trial_id, result, error)
+        if state == optuna.trial.TrialState.COMPLETE and result.get("status") in PENALIZED:
+            ot_trial.set_constraint(FAILURE_CONSTRAINT, 1.0)
         try:
             self._ot_study.tell(ot_trial, value, state=state)
         except (ValueError, RuntimeError) as e:  # e.g. told twice after a restore
             log.warning("optuna refused the result of %s: %s", trial_id, e)
         self._completed_trials.add(trial_id)
+
+    def _outcome(self, trial_id: str, result: dict | None, error: bool) -> tuple[optuna.trial.TrialState, float | None]:
+        if error or not result or METRIC not in result:
+            return optuna.trial.TrialState.FAIL, None
+        if result.get(TIME_ATTR, 0) < self.trial_steps and result.get("status") not in PENALIZED:
+            # Stopped at a rung: not a final value. Ray hands the stopping result to on_trial_complete
+            # without on_trial_result, so record it as an intermediate value first.
+            self.on_trial_result(trial_id, result)
+            return optuna.trial.TrialState.PRUNED, None
+        return optuna.trial.TrialState.COMPLETE, float(result[METRIC])
+
+    def _tell_rerun(self, trial_id: str, ot_trial, result: dict | None, error: bool) -> None:
+        """A trial that ended in an error was told FAIL; resumed (`resume_errored`), it runs again
+        under the same id, and Optuna cannot be told twice. Its new outcome is added once, as a new
+        trial with the same parameters (the FAIL stays as the record of the error)."""
+        frozen = self._ot_study.get_trials(deepcopy=False)[ot_trial.number]
+        if frozen.state != optuna.trial.TrialState.FAIL or trial_id in self._retold or error:
+            return
+        state, value = self._outcome(trial_id, result, error)
+        intermediate = {int(r[TIME_ATTR]): float(r[METRIC]) for r in self._rerun_results.pop(trial_id, [])}
+        if state == optuna.trial.TrialState.PRUNED:
+            intermediate[int(result.get(TIME_ATTR, 0))] = float(result[METRIC])
+        attrs = {"jepatune:rerun_of": frozen.number, "jepatune:ray_trial_id": trial_id}
+        rerun = optuna.trial.create_trial(params=frozen.params, distributions=frozen.distributions, value=value,
+                                          state=state, intermediate_values=intermediate, user_attrs=attrs)
+        if state == optuna.trial.TrialState.COMPLETE and result.get("status") in PENALIZED:
+            rerun.set_constraint(FAILURE_CONSTRAINT, 1.0)
+        self._ot_study.add_trial(rerun)
+        self._retold.add(trial_id)
 
     @property
     def study(self) -> optuna.Study:
@@ -70,9 +120,10 @@ class RungAwareOptunaSearch(OptunaSearch):
 
 class RecordingASHA(ASHAScheduler):
     """ASHA that records its decisions, judges at explicit `milestones` when given (the `restart`
-    fidelity's cumulative step counts), and audits: with probability `audit_frac` a trial it would
-    stop runs to the end instead, recorded as decision "audit" (its value still counts in the
-    rung's cut-off, as for any judged trial)."""
+    fidelity's cumulative step counts), and audits: the first trial it would stop, and then each
+    with probability `audit_frac`, runs to the end instead, recorded as decision "audit" (its value
+    still counts in the rung's cut-off, as for any judged trial; it is judged at no later rung).
+    Every value in its rungs is in the decisions file, so a resumed sweep rebuilds the same cut-offs."""
 
     def __init__(self, *args, decisions_path: str, milestones: tuple[int, ...] | None = None,
                  audit_frac: float = 0.0, audit_seed: int = 0, **kwargs):
@@ -107,6 +158,8 @@ class RecordingASHA(ASHAScheduler):
             log.info("resumed ASHA with %d earlier decisions", len(rows))
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if result.get("status") in PENALIZED:  # a penalty, no measured BPB: kept out of every cut-off
+            return TrialScheduler.STOP
         if trial.trial_id in self._stopped:  # decided (and recorded) before the driver's crash
             return TrialScheduler.STOP
         if trial.trial_id in self._audited:  # runs to the end, judged no more
@@ -119,11 +172,19 @@ class RecordingASHA(ASHAScheduler):
         decision = "continue"
         if action == TrialScheduler.STOP:
             decision = "stop"
-            if self.audit_frac > 0 and self._audit_rng.random() < self.audit_frac:
+            # The first stop is always audited, so that every sweep with stops measures its pruning at
+            # least once; each later one with probability audit_frac.
+            if self.audit_frac > 0 and (not self._audited or self._audit_rng.random() < self.audit_frac):
                 decision, action = "audit", TrialScheduler.CONTINUE
                 self._audited.add(trial.trial_id)
         self._record(trial.trial_id, rung, result, cutoff, decision)
         return action
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        """Ray's ASHA records the last result once more here, into the first rung the trial has no
+        value in: for an audited trial, a rung it skipped, with its final value, in no decision.
+        Every value ASHA holds is recorded (and written) when it is judged, so nothing is added."""
+        self._trial_info.pop(trial.trial_id, None)
 
     def _rung_and_cutoff(self, trial_id: str, result: dict) -> tuple[float | None, float | None]:
         """The rung this result will be judged at, and the cut-off it will be held against."""

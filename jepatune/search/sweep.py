@@ -85,7 +85,8 @@ class SweepSettings:
     max_failures: int = 2  # restarts of a failed trial from its last checkpoint
     checkpoint_every: int = 1  # checkpoint every Nth rung (and always the last); 0 = only the last
     final_steps: int = 0  # retrain budget; 0 = no retrain
-    final_seeds: int = 3
+    final_seeds: int = 3  # seeds per retrained recipe, none of them a trial's seed
+    finalists: int = 3  # the top distinct recipes by trial score retrained (and the reference)
 
     @property
     def rungs(self) -> tuple[int, ...]:
@@ -104,7 +105,7 @@ class SweepSettings:
         return Path(self.out).resolve() / self.name
 
     def validate(self) -> None:
-        for key in ("samples", "trial_steps", "concurrency", "final_seeds"):
+        for key in ("samples", "trial_steps", "concurrency", "final_seeds", "finalists"):
             if getattr(self, key) < 1:
                 raise JepatuneError(f"--{key.replace('_', '-')}={getattr(self, key)}: must be at least 1")
         if self.checkpoint_every < 0:
@@ -332,49 +333,72 @@ def prune_checkpoints(experiment: str) -> int:
     return removed
 
 
-def finalize(folder: str | os.PathLike, *, final_steps: int = 0, final_seeds: int = 0, log=print):
-    """Retrain the sweep's best recipe and the reference at full budget, then rebuild the tables.
-    Returns the final table summarised per recipe."""
-    from jepatune.analysis.explore import compare_final
+def finalize(folder: str | os.PathLike, *, final_steps: int = 0, final_seeds: int = 0, finalists: int = 0,
+             log=print):
+    """Retrain the sweep's finalists (its top `finalists` distinct recipes by trial score) and the
+    reference at the final budget, with seeds no trial used; the winner, written to best.toml, is
+    the recipe with the best retrain mean (the reference when no finalist beats it). Rebuilds the
+    tables; returns the finalists table."""
+    from jepatune.analysis.finalists import conclusion
     from jepatune.analysis.tables import load_tables, write_tables
-    from jepatune.search.retrain import best_trial, recipe_config, retrain, write_best
+    from jepatune.search.retrain import recipe_config, retrain, retrain_seeds, top_trials, write_best
     from jepatune.search.trainable import KNOBS
 
     folder = Path(folder).resolve()
     settings = read_settings(folder)
     write_tables(folder)
     trials = load_tables(folder)["trials"]
-    best = best_trial(trials)
     base = base_config(settings)
     steps = final_steps or settings.final_steps or settings.trial_steps
-    knobs = {k: best[k] for k in trials.columns if k in KNOBS}
-    runs = {"best": recipe_config(base, knobs, steps), "reference": recipe_config(base, {}, steps)}
-    path = write_best(folder, runs["best"])
-    log(f"best trial {best['trial_id']}: val_bpb {best['last_val_bpb']:.4f} at {settings.trial_steps} steps; "
-        f"recipe in {path}")
-    seeds = final_seeds or settings.final_seeds
-    log(f"retraining best and reference at {steps} steps, {seeds} seeds each")
+    top = top_trials(trials, finalists or settings.finalists)
+    ranks = trials[trials["status"] == "completed"]["last_val_bpb"].rank(method="min")
+    runs: dict[str, Any] = {}
+    about: dict[str, dict[str, Any]] = {}
+    for row in top.itertuples():
+        label = "reference" if row.is_reference else f"finalist-{len(runs) + 1}"
+        runs[label] = recipe_config(base, {k: getattr(row, k) for k in trials.columns if k in KNOBS}, steps)
+        about[label] = {"trial_id": row.trial_id, "trial_bpb": row.last_val_bpb, "trial_rank": int(ranks[row.Index]),
+                        "finalist": True}
+    if "reference" not in runs:
+        runs["reference"] = recipe_config(base, {}, steps)
+        ref = trials[trials["is_reference"].fillna(False).astype(bool) & trials["status"].eq("completed")]
+        about["reference"] = {"finalist": False, **({"trial_id": ref.iloc[0]["trial_id"],
+                                                      "trial_bpb": ref.iloc[0]["last_val_bpb"],
+                                                      "trial_rank": int(ranks[ref.index[0]])} if len(ref) else {})}
+    used = {base.seed} | (set(trials["seed"].dropna().astype(int)) if "seed" in trials else set())
+    seeds = retrain_seeds(base.seed, final_seeds or settings.final_seeds, used)
+    named = ", ".join(f"{label} = trial {a['trial_id']}" for label, a in about.items() if a["finalist"])
+    log(f"retraining {len(top)} finalists ({named}) and the reference at {steps} steps, seeds "
+        f"{', '.join(map(str, seeds))} (no trial trained with them)")
     _ensure_ray()
-    retrain(folder, runs, seeds, settings.cpus_per_trial, settings.gpus_per_trial, log=log)
+    retrain(folder, runs, seeds, settings.cpus_per_trial, settings.gpus_per_trial, log=log, about=about)
     write_tables(folder)
-    return compare_final(load_tables(folder)["final"])
+    table = load_tables(folder)["finalists"]
+    winner = table[table["winner"]].iloc[0]["recipe"]
+    log(f"winner: {winner} (the best retrain mean); its recipe in {write_best(folder, runs[winner])}")
+    log(conclusion(table))
+    return table
 
 
 def leaderboard(folder: str | os.PathLike, k: int = 5) -> str:
-    """The top trials and the final retrain, as text for the terminal."""
+    """The top trials, then the finalists' retrain and the sweep's answer, as text for the terminal."""
     from jepatune.analysis import explore
+    from jepatune.analysis.finalists import conclusion
 
     tables = explore.load(folder)
     trials = tables.trials
     counts = trials["status"].value_counts().to_dict()
     top = explore.leaderboard(trials, k=k).drop(columns=["status", "device_s"])
     lines = [f"{len(trials)} trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())),
-             "top trials (full budget; is_reference marks the reference recipe):",
+             "top trials (full budget; val_bpb of the weights a retrain would ship, on the val prefix; "
+             "is_reference marks the reference recipe):",
              top.to_string(index=False, float_format=lambda v: f"{v:.4g}")]
-    final = explore.compare_final(tables.final)
-    if not final.empty:
-        lines += ["final retrain (val_bpb after the int8+zlib round trip, full val split; delta vs reference "
-                  "with a paired 95% CI):", final.to_string(index=False, float_format=lambda v: f"{v:.4f}")]
+    if not tables.finalists.empty:
+        shown = tables.finalists[["recipe", "winner", "trial_id", "trial_bpb", "n", "mean", "std", "delta_ref",
+                                  "ref_ci_low", "ref_ci_high", "excess_drift"]]
+        lines += ["finalists retrained with seeds no trial used (val_bpb after the int8+zlib round trip, full val "
+                  "split; delta vs the reference with a paired 95% CI):",
+                  shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"), conclusion(tables.finalists)]
     return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ from typing import Any
 from ray import tune
 
 from jepatune.atomic import atomic_write_text
+from jepatune.spaces import memory_violation
 from jepatune.trainer.checkpoint import CHECKPOINT_NAME
 from jepatune.trainer.config import TrainConfig
 
@@ -34,6 +35,9 @@ RESTART_STATE = "restart_state.json"
 # uniform model's 8 bits, finite so ASHA and Optuna can rank it (NaN would stall both).
 PENALTY_BPB = 10.0
 RESULT_NAME = "trial_result.json"
+# Test hook: a path; the first trial to start training while no file is there creates it and fails
+# with an allocation error, as a machine out of memory would (tests of the retry and of resume).
+INJECT_OOM_ENV = "JEPATUNE_INJECT_OOM"
 KNOBS = frozenset(f.name for f in fields(TrainConfig))
 
 
@@ -89,6 +93,10 @@ def run_trial(suggestion: dict[str, Any], *, base: dict[str, Any], trial_steps: 
                      "reason": suggestion["_infeasible"], "trial_steps": trial_steps, "node": node})
         return
     config = trial_config(base, suggestion, trial_steps, rungs, probe_steps if fidelity == "probe" else 0)
+    if (reason := memory_violation(config, device_memory_bytes(config.device))) is not None:
+        tune.report({METRIC: PENALTY_BPB, TIME_ATTR: 0, "tokens": 0, "status": "infeasible", "reason": reason,
+                     "trial_steps": trial_steps, "node": node, "config_key": config_key(config)})
+        return
     cache = Path(cache_dir) / f"{trial_key(config, fidelity)}.json"
     if _report_if_finished(cache):
         return
@@ -111,32 +119,50 @@ def run_trial(suggestion: dict[str, Any], *, base: dict[str, Any], trial_steps: 
 
         def report(metrics: dict[str, Any]) -> None:
             if metrics.get("final"):
-                return  # the last rung was already reported
+                if metrics["status"] == "completed":  # the trial's value: what a retrain would ship
+                    out = {**_common(metrics, config, node, trial_steps, started), **_scores(metrics, last),
+                           "status": "completed"}
+                    atomic_write_text(ckpt_dir / RESULT_NAME, json.dumps(out))  # a restart re-reports it
+                    atomic_write_text(cache, json.dumps(out))  # and so does a re-suggestion of the recipe
+                    tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
+                return
             reached[0] = metrics["step"]
-            done = metrics["step"] >= trial_steps
-            out = {**_common(metrics, config, node, trial_steps, started), "status": "completed" if done else "running"}
+            last.clear()
+            last.update(metrics)
+            if metrics["step"] >= trial_steps:
+                return  # the budget's end: the final scoring reports it
+            out = {**_common(metrics, config, node, trial_steps, started), "status": "running",
+                   "live_bpb": _finite(metrics[METRIC])}
             if "probe_bpb" in metrics:  # the probe fidelity: ASHA and the searcher see the cool-down's value
                 out["snapshot_bpb"], out[METRIC] = out[METRIC], _finite(metrics["probe_bpb"])
-            if done:  # a restart from this checkpoint, or a re-suggestion of the recipe, re-reports instead
-                atomic_write_text(ckpt_dir / RESULT_NAME, json.dumps(out))
-                atomic_write_text(cache, json.dumps(out))
             rung = rungs.index(metrics["step"]) + 1 if metrics["step"] in rungs else 0
-            keep = done or (checkpoint_every > 0 and rung % checkpoint_every == 0)
+            keep = checkpoint_every > 0 and rung % checkpoint_every == 0
             tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)) if keep else None)
 
         # Every write happens before its `tune.report`: a report blocks until the driver asks for
         # more, and ASHA stops a trial at its last report (step >= max_t), so code after the final
         # report never runs.
-        try:
-            result = _train(config, report, ckpt_dir, resume_from)
-        except (RuntimeError, MemoryError) as error:
-            _report_oom(error, reached[0], config_key(config), node, trial_steps)
-            return
+        last: dict[str, Any] = {}  # the newest evaluation: the live weights' value at the end
+        result = _train_retrying_oom(config, report, ckpt_dir, resume_from, lambda: f"step {reached[0]}")
         if result.status == "diverged":
             final = {**_common(result.summary, config, node, trial_steps, started), METRIC: PENALTY_BPB,
                      "status": "diverged"}
             atomic_write_text(cache, json.dumps(final))
             tune.report(final)
+
+
+class MachineOutOfMemory(RuntimeError):
+    """An allocation failed although the recipe's shape fits the device: retried by Ray."""
+
+
+def _scores(summary: dict[str, Any], last: dict[str, Any]) -> dict[str, Any]:
+    """The value columns of a trial's final report: `val_bpb` (what the searcher and the tables rank)
+    is the shipped weights' BPB after the int8+zlib round trip; `live_bpb` the running weights' at
+    the same step, before any averaging or quantisation; the raw and averaged weights each before
+    and after the round trip. All on the trial's val prefix."""
+    scores = {k: summary.get(k) for k in ("raw_bpb", "raw_q_bpb", "avg_bpb", "avg_q_bpb", "prequant_bpb")}
+    return {**scores, METRIC: _finite(summary[METRIC]), "shipped_bpb": _finite(summary[METRIC]),
+            "live_bpb": _finite(last.get(METRIC)), "artifact_bytes": summary.get("artifact_bytes")}
 
 
 def out_of_memory(error: BaseException) -> str | None:
@@ -148,16 +174,6 @@ def out_of_memory(error: BaseException) -> str | None:
     if not (isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in text):
         return None
     return "out of memory: " + text.split("] ", 1)[-1][:300]  # without the allocator's source location
-
-
-def _report_oom(error: BaseException, step: int, key: str, node: str, trial_steps: int) -> None:
-    """Report an allocation failure as a final penalty (PENALIZED), as for divergence, so Optuna
-    learns to avoid the recipe; re-raise any other error. Not cached: memory is the machine's, not
-    the recipe's."""
-    if (reason := out_of_memory(error)) is None:
-        raise error
-    tune.report({METRIC: PENALTY_BPB, TIME_ATTR: step, "status": "oom", "reason": reason,
-                 "trial_steps": trial_steps, "node": node, "config_key": key})
 
 
 def _run_restart(config: TrainConfig, rungs: tuple[int, ...], cache: Path, node: str) -> None:
@@ -178,11 +194,8 @@ def _run_restart(config: TrainConfig, rungs: tuple[int, ...], cache: Path, node:
         ckpt_dir = Path(work)
         for k in range(done_rungs, len(rungs)):
             budget = rungs[k]
-            try:
-                result = _train(config.replace(iterations=budget, eval_steps=(), probe_steps=0), None, None, None)
-            except (RuntimeError, MemoryError) as error:
-                _report_oom(error, rungs[k - 1] if k else 0, trial_key(config, "restart"), node, rungs[-1])
-                return
+            result = _train_retrying_oom(config.replace(iterations=budget, eval_steps=(), probe_steps=0), None,
+                                         None, None, f"rung {k + 1}")
             spent += result.step
             out = {**_common({**result.summary, "compute_steps": spent, "tokens": spent * config.train_batch_tokens},
                              config, node, rungs[-1], started),
@@ -234,7 +247,24 @@ def _finite(value: Any) -> float:
 def _train(config: TrainConfig, report, ckpt_dir: Path | None, resume_from: Path | None):
     from jepatune.trainer.loop import train
 
+    if (marker := os.environ.get(INJECT_OOM_ENV)) and not os.path.exists(marker):
+        Path(marker).touch()  # once per marker: the retry finds it and trains
+        raise MemoryError(f"injected by {INJECT_OOM_ENV} (can't allocate memory)")
     return train(config, report=report, checkpoint_dir=ckpt_dir, resume_from=resume_from, final_score=False)
+
+
+def _train_retrying_oom(config: TrainConfig, report, ckpt_dir, resume_from, where):
+    """`_train`, with an allocation failure raised as `MachineOutOfMemory`: shapes that cannot fit the
+    device were refused before training (`memory_floor_bytes`), so what is left is the machine's
+    memory (a neighbour on a shared GPU, a fragmented allocator), not the recipe's. Ray retries the
+    trial from its last checkpoint (--max-failures); the tables say `oom` if every try failed."""
+    try:
+        return _train(config, report, ckpt_dir, resume_from)
+    except (RuntimeError, MemoryError) as error:
+        if (reason := out_of_memory(error)) is None:
+            raise
+        at = where() if callable(where) else where
+        raise MachineOutOfMemory(f"{reason} (at {at}; Ray retries it from the last checkpoint)") from error
 
 
 def _common(metrics: dict[str, Any], config: TrainConfig, node: str, trial_steps: int,
@@ -252,6 +282,16 @@ def _common(metrics: dict[str, Any], config: TrainConfig, node: str, trial_steps
         "flops": estimated_flops(config, params, metrics["tokens"]) if params else None,
         "config_key": config_key(config),
     }
+
+
+def device_memory_bytes(device: str) -> int:
+    """Memory of the device a trial trains on: the GPU's (all of it: what a shape needs can never
+    exceed this), else the machine's physical memory."""
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _node_id() -> str:

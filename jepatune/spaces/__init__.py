@@ -13,10 +13,11 @@ the region and the search skips training it.
 
 Named spaces
 ------------
-- ``curriculum`` (default): jepa_pure_frac in [0, 0.6]; bridge_frac in [0, 0.9] with
-  ce_pure_frac = min(1, jepa_pure_frac + bridge_frac); sigreg_weight in [1e-3, 1] (log);
-  swa_start in [0.3, 1.05] -> swa_start_frac, where 1.0 and above means no SWA
-  (swa_enabled = false). bridge_frac and swa_start are the only parameters that are not
+- ``curriculum`` (default): jepa_pure_frac in [0, 0.6]; bridge_share in [0, 1], the bridge's
+  share of what the JEPA stage leaves, with ce_pure_frac = jepa_pure_frac + bridge_share *
+  (1 - jepa_pure_frac) (so "no CE stage" is a point, not a quarter of the prior); sigreg_weight
+  in [1e-3, 1] (log); swa_start in [0.3, 1.05] -> swa_start_frac, where 1.0 and above means no SWA
+  (swa_enabled = false). bridge_share and swa_start are the only parameters that are not
   knobs; Ray merges them into a trial's config, so drop them, or rebuild the overrides
   with `space.overrides(config)`.
 - ``regularizer``: regularizer in {varcov, lejepa, none}; sigreg_weight in [1e-3, 1] (log);
@@ -74,12 +75,14 @@ from jepatune.spaces._size import (
     count_parameters,
     estimate_artifact_bytes,
     fits_cap,
+    memory_floor_bytes,
+    memory_violation,
     min_total_bytes,
     quantized_payload_bytes,
     size_violation,
     tensor_shapes,
 )
-from jepatune.spaces._space import CONSTRAINT_KEY, INFEASIBLE_KEY, Dim, Space, violation_of
+from jepatune.spaces._space import CONSTRAINT_KEY, FAILURE_CONSTRAINT, INFEASIBLE_KEY, Dim, Space, violation_of
 from jepatune.spaces._user import load_space
 
 __all__ = [
@@ -87,6 +90,7 @@ __all__ = [
     "CONSTRAINT_KEY",
     "DEFAULT_CODE_BYTES",
     "DEFAULT_SPACE",
+    "FAILURE_CONSTRAINT",
     "INFEASIBLE_KEY",
     "NO_SWA_FROM",
     "SIZE_CAP_BYTES",
@@ -99,6 +103,8 @@ __all__ = [
     "fits_cap",
     "get_space",
     "load_space",
+    "memory_floor_bytes",
+    "memory_violation",
     "min_total_bytes",
     "quantized_payload_bytes",
     "size_violation",

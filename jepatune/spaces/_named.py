@@ -25,9 +25,12 @@ class SpaceFactory(Protocol):
 
 _CURRICULUM = (
     Dim("jepa_pure_frac", 0.0, 0.6),
-    # The bridge length rather than ce_pure_frac itself: ce_pure_frac >= jepa_pure_frac then
-    # holds by construction, with no conditional range that would break multivariate TPE.
-    Dim("bridge_frac", 0.0, 0.9),
+    # The bridge's share of the budget left after the JEPA stage, rather than ce_pure_frac:
+    # ce_pure_frac = jepa + share * (1 - jepa) >= jepa_pure_frac by construction, with no
+    # conditional range that would break multivariate TPE. A bridge length added to jepa and
+    # capped at 1 put about a quarter of the prior on ce_pure_frac = 1 (no CE stage at all);
+    # a share keeps every stage split in the range, and only share = 1 (no mass) has no CE stage.
+    Dim("bridge_share", 0.0, 1.0),
     Dim("sigreg_weight", 1e-3, 1.0, log=True),
     # One parameter covers both SWA on/off and its start, so the space stays static. Not
     # named swa_start_frac: Ray merges raw parameters into the trial config, where a
@@ -54,17 +57,24 @@ _SHAPE = (
 )
 
 
-def _ce_pure_frac(jepa: float, bridge: float) -> float:
-    # Rounding hides float noise (0.1 + 0.7 = 0.7999999999999999) so the reference point
-    # gives back 0.8 exactly; max() keeps ce >= jepa after rounding.
-    return max(jepa, min(1.0, round(jepa + bridge, 12)))
+def _ce_pure_frac(jepa: float, share: float) -> float:
+    # Rounding hides float noise (the share for 0.2 -> 0.9 is 0.8749999999999999, which gives
+    # 0.8999999999999999) so a reference point gives its base's value back exactly; max()
+    # keeps ce >= jepa after rounding.
+    return max(jepa, min(1.0, round(jepa + share * (1.0 - jepa), 12)))
+
+
+def _bridge_share(jepa: float, ce: float) -> float:
+    """The share that gives `ce` after `jepa` (no remaining budget: no bridge)."""
+    rest = 1.0 - jepa
+    return (ce - jepa) / rest if rest > 0 else 0.0
 
 
 def _derive(values: dict[str, Any]) -> dict[str, Any]:
     """Knob overrides for any mix of the groups above; other parameters map 1:1."""
     out = dict(values)
-    if "bridge_frac" in out:
-        out["ce_pure_frac"] = _ce_pure_frac(out["jepa_pure_frac"], out.pop("bridge_frac"))
+    if "bridge_share" in out:
+        out["ce_pure_frac"] = _ce_pure_frac(out["jepa_pure_frac"], out.pop("bridge_share"))
     if "swa_start" in out:
         swa = out.pop("swa_start")
         # Explicit None: a base config's own SWA start must not survive "no SWA".
@@ -79,9 +89,9 @@ def _reference(dims: tuple[Dim, ...], base: TrainConfig) -> dict[str, Any]:
     ref: dict[str, Any] = {}
     by_name = {d.name: d for d in dims}
     for d in dims:
-        if d.name == "bridge_frac":
-            jepa = by_name["jepa_pure_frac"].nearest(base.jepa_pure_frac)
-            value: Any = round(base.ce_pure_frac - jepa, 12)
+        if d.name == "bridge_share":
+            # Not rounded: the exact quotient maps back to the base's ce_pure_frac.
+            value: Any = _bridge_share(by_name["jepa_pure_frac"].nearest(base.jepa_pure_frac), base.ce_pure_frac)
         elif d.name == "swa_start":
             # A start at 1.0 would never average anything, so it lands in the no-SWA region as it should.
             value = base.swa_start if base.swa_enabled else d.high
@@ -115,7 +125,8 @@ def _union(*groups: tuple[Dim, ...]) -> tuple[Dim, ...]:
 
 SPACES: dict[str, SpaceFactory] = {
     "curriculum": _make("curriculum", _CURRICULUM,
-                        "stage fractions (jepa_pure_frac, bridge length), regulariser weight, SWA start or no SWA"),
+                        "stage fractions (jepa_pure_frac, the bridge's share of the rest), regulariser weight, "
+                        "SWA start or no SWA"),
     "regularizer": _make("regularizer", _REGULARIZER, "regulariser kind and weight, JEPA weight"),
     "optimizer": _make("optimizer", _OPTIMIZER, "Muon/Adam learning rates, warm-down fraction, Muon momentum"),
     "full": _make("full", _union(_CURRICULUM, _REGULARIZER, _OPTIMIZER, _SHAPE),

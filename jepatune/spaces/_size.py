@@ -112,3 +112,23 @@ def size_violation(config: TrainConfig, code_bytes: int = DEFAULT_CODE_BYTES) ->
     return (total - SIZE_CAP_BYTES) / SIZE_CAP_BYTES, (
         f"{config.num_layers}x{config.model_dim} mlp {config.mlp_mult}: at least {total:,} bytes of artifact "
         f"+ code after zlib, over the {SIZE_CAP_BYTES:,}-byte cap")
+
+
+# fp32 weights, their gradients, Adam's two moments (Muon keeps one, so this over-counts it) and the
+# weight average: 5 copies. Activations are left out, so this is a floor, never an estimate.
+TRAINING_COPIES = 5
+
+
+def memory_floor_bytes(config: TrainConfig) -> int:
+    """Bytes a training run of `config` needs at the very least: a shape over the device's memory
+    cannot train there, and is refused before its first step rather than failing in it."""
+    return 4 * TRAINING_COPIES * count_parameters(config)
+
+
+def memory_violation(config: TrainConfig, device_bytes: int) -> str | None:
+    """The reason `config` cannot train on a device of `device_bytes`, or None when it may."""
+    need = memory_floor_bytes(config)
+    if need <= device_bytes:
+        return None
+    return (f"{config.num_layers}x{config.model_dim} mlp {config.mlp_mult}: at least {need / 2**30:,.1f} GiB for "
+            f"weights, gradients, optimiser state and the average, over the device's {device_bytes / 2**30:,.1f} GiB")

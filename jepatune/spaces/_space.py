@@ -20,6 +20,9 @@ from jepatune.trainer.config import TrainConfig, apply_overrides
 
 INFEASIBLE_KEY = "_infeasible"
 CONSTRAINT_KEY = "space"
+# The constraint a search sets above 0 on a trial that diverged or was refused before training: TPE
+# ranks such trials after every completed and pruned one, so a penalty never enters its good group.
+FAILURE_CONSTRAINT = "failed"
 CONFIG_VIOLATION = 1.0  # an invalid TrainConfig: no degree to measure, so one unit
 KNOBS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
 
@@ -109,7 +112,7 @@ class Space:
     """A search space over `TrainConfig` knobs.
 
     `dims` are the Optuna parameters; `derive` turns their values into knob overrides
-    (1:1 for most, computed for the rest, e.g. ce_pure_frac from a bridge length);
+    (1:1 for most, computed for the rest, e.g. ce_pure_frac from the bridge's share);
     `reference` holds the parameter values of the base recipe; `check` adds a constraint
     beyond TrainConfig's own validation (e.g. the size cap).
     """

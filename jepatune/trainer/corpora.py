@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import sysconfig
 import tempfile
@@ -46,6 +47,15 @@ _SKIP_DIRS = frozenset(
 # pydoc's topics file is the one large block of English prose in the stdlib; it always goes
 # to train (being one 0.75 MB document, in val it alone would fill the split).
 _DEMO_TRAIN_ONLY = ("pydoc_data/topics.py",)
+# Files are cut into pieces of about this many bytes and the pieces of a split interleaved,
+# so that any stretch of the stream mixes many files (like FineWeb's shuffled documents of a
+# few KB): whole files written one after another put long runs of one kind of text (0.75 MB
+# of prose in topics.py, a big module, a run of codec tables) into the stream, and a model
+# trained through such a run drifts away from val.
+_DEMO_PIECE_BYTES = 4096
+# Stored in the settings, so that a folder built with another layout is rebuilt, not reused.
+# Changing how pieces are cut or ordered changes the bytes: bump it then.
+_DEMO_LAYOUT = 2
 
 HF_REPO_ID = "willdepueoai/parameter-golf"
 HF_ROOT = "matched_10B_docs2m_seed1337"
@@ -72,25 +82,34 @@ Converter = Callable[[Path, np.ndarray], np.ndarray]
 # ---------------------------------------------------------------------------- output folder
 
 
-def _check_out_free(out: Path) -> None:
+def _check_out_free(out: Path, replace: Iterable[str] = ()) -> None:
+    """Raise unless `out` is missing or empty (files named in `replace` aside)."""
     if out.exists() and not out.is_dir():
         raise DataError(f"output {out} is a file, not a folder; pick an empty folder or delete it")
-    if out.is_dir() and any(out.iterdir()):
+    ignored = frozenset(replace)
+    if out.is_dir() and any(p.name not in ignored for p in out.iterdir()):
         shards = len(list(out.glob(TRAIN_PATTERN))) + len(list(out.glob(VAL_PATTERN)))
         held = f"already holds {shards} shards" if shards else "is not empty"
         raise DataError(f"output folder {out} {held}; pick an empty folder or delete it")
 
 
 @contextlib.contextmanager
-def _staging(out: Path) -> Iterator[Path]:
-    """Yield a fresh temporary sibling folder of `out`; on success rename it onto `out`."""
-    _check_out_free(out)
+def _staging(out: Path, replace: Iterable[str] = ()) -> Iterator[Path]:
+    """Yield a fresh temporary sibling folder of `out`; on success rename it onto `out`.
+
+    `replace` names files of an outdated build in `out`: they are deleted only once the new
+    build is complete, so a failed build keeps the old one.
+    """
+    replace = tuple(replace)
+    _check_out_free(out, replace)
     out.parent.mkdir(parents=True, exist_ok=True)
     # A sibling, not /tmp: the final rename must stay on one filesystem to be atomic.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
         try:
+            for name in replace:
+                (out / name).unlink(missing_ok=True)
             if out.is_dir():
                 out.rmdir()  # checked empty above; POSIX rename replaces an empty folder, Windows' does not
             os.rename(tmp, out)
@@ -163,23 +182,97 @@ def _hash_fraction(text: str) -> float:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
 
 
-def _demo_reuse(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
-    """The summary of a complete demo folder at `out` built with `settings`, else None."""
+def _demo_reuse(out: Path, settings: dict[str, Any]) -> tuple[dict[str, Any] | None, tuple[str, ...]]:
+    """(summary, ()) for a complete demo folder at `out` built with `settings`; (None, its
+    files) for a demo folder built with the same sizes but another layout, to be rebuilt in
+    place; (None, ()) when there is no demo folder."""
     meta_path = out / CORPUS_JSON
     if not meta_path.is_file():
-        return None
+        return None, ()
     try:
         meta = json.loads(meta_path.read_text())
-        shards = [out / name for split in ("train", "val") for name in meta[split]["shards"]]
-        stored = meta["settings"]
+        names = [str(name) for split in ("train", "val") for name in meta[split]["shards"]]
+        stored = dict(meta["settings"])
     except (OSError, ValueError, KeyError, TypeError):
         raise DataError(f"{meta_path} is unreadable; delete {out} and build the demo again") from None
+    shards = [out / name for name in names]
+    sizes = {k: v for k, v in settings.items() if k != "layout"}
+    if stored != settings and {k: v for k, v in stored.items() if k != "layout"} == sizes:
+        # Only names it listed itself, and no path outside the folder.
+        return None, (CORPUS_JSON, *(n for n in names if Path(n).name == n))
     if stored != settings:
         raise DataError(f"{out} holds a demo corpus built with {stored}, not {settings}; "
                         f"pick another folder or delete it")
     for shard in shards:
         read_shard(shard)  # raises DataError for a missing or corrupt shard
-    return _summary(out, meta["train"]["bytes"], meta["val"]["bytes"], len(shards), reused=True)
+    return _summary(out, meta["train"]["bytes"], meta["val"]["bytes"], len(shards), reused=True), ()
+
+
+def _demo_cuts(data: bytes, size: int = _DEMO_PIECE_BYTES) -> list[tuple[int, int]]:
+    """(start, end) of consecutive pieces of about `size` bytes covering `data`, each ending
+    at a line break where the line allows it (else not inside a UTF-8 character)."""
+    cuts = []
+    start, n = 0, len(data)
+    while start < n:
+        if n - start <= size + size // 4:  # no tiny tail piece
+            end = n
+        else:
+            end = start + size
+            newline = data.rfind(b"\n", start + size // 2, end)
+            if newline >= 0:
+                end = newline + 1
+            else:
+                while end > start + 1 and data[end] & 0xC0 == 0x80:  # a UTF-8 continuation byte
+                    end -= 1
+        cuts.append((start, end))
+        start = end
+    return cuts
+
+
+def _demo_interleave(rels: Sequence[str], cuts: Sequence[list[tuple[int, int]]]) -> list[tuple[int, int, int]]:
+    """(document index, start, end) of every piece in stream order.
+
+    A document of k pieces gets k evenly spaced slots, (m + u) / k of the way through the
+    stream for m = 0..k-1 with u a stable hash of its path in [0, 1), and its pieces fill
+    them in a shuffled order: any stretch of the stream then holds about its share of every
+    document (a plain shuffle of all pieces leaves clumps), and no stretch holds all the
+    files' beginnings (module docstrings and imports), as keeping each file's pieces in order
+    would. Hashes, not filesystem order or Python's salted hash(), fix the order everywhere.
+    """
+    slots = []
+    for i, rel in enumerate(rels):
+        u, k = _hash_fraction(f"piece:{_DEMO_LAYOUT}:{rel}"), len(cuts[i])
+        shuffled = sorted(range(k), key=lambda j: (_hash_fraction(f"piece:{_DEMO_LAYOUT}:{rel}:{j}"), j))
+        slots += [((m + u) / k, rel, j, i) for m, j in enumerate(shuffled)]
+    return [(i, *cuts[i][j]) for _, _, j, i in sorted(slots)]
+
+
+def _demo_trim(cuts: list[tuple[int, int]], excess: int) -> list[tuple[int, int]]:
+    """The pieces of the split's last document with about `excess` bytes (separators
+    included) taken off its end, so that the split meets its size without dropping pieces of
+    other documents; at least one byte of it stays."""
+    cuts = list(cuts)
+    while len(cuts) > 1 and cuts[-1][1] - cuts[-1][0] + len(SEPARATOR) <= excess:
+        start, end = cuts.pop()
+        excess -= end - start + len(SEPARATOR)
+    start, end = cuts[-1]
+    cuts[-1] = (start, end - max(0, min(excess, end - start - 1)))
+    return cuts
+
+
+def _demo_stream(docs: Sequence[bytes], order: list[tuple[int, int, int]], limit: int) -> tuple[bytes, list[list[int]]]:
+    """The split's bytes (the pieces joined by SEPARATOR, cut at `limit`) and the pieces it
+    holds, the last one cut (empty when the limit falls inside the separator before it)."""
+    kept: list[list[int]] = []
+    pos = 0  # where the next piece starts
+    for i, start, end in order:
+        if kept and pos - len(SEPARATOR) >= limit:  # its separator would start at the limit
+            break
+        end = max(start, min(end, start + limit - pos))
+        kept.append([i, start, end])
+        pos += end - start + len(SEPARATOR)
+    data = SEPARATOR.join(docs[i][start:end] for i, start, end in kept)[:limit]
+    return data, kept
 
 
 def build_demo(out: str | os.PathLike, *, train_mb: float = 4.0, val_mb: float = 0.5,
@@ -189,26 +282,32 @@ def build_demo(out: str | os.PathLike, *, train_mb: float = 4.0, val_mb: float =
     A file goes to val when a stable hash of its relative path falls below val's share of
     the requested bytes (so both splits fill at about the same pace through the shuffled
     list) until val holds `val_mb`; everything else goes to train until `train_mb`.
-    Identical files are kept once, so no val document also appears in train.
-    An existing complete demo folder with the same settings is reused as is.
+    Identical files are kept once, so no val document also appears in train. Each split's
+    files are cut into pieces of about 4 KB at line breaks and the pieces interleaved, so
+    the stream is stationary: any stretch of it mixes many files.
+    An existing complete demo folder with the same settings is reused as is; one built with
+    the same sizes but an older layout is rebuilt in place.
     """
     out = Path(out).absolute()
     limits = {"train": int(train_mb * MB), "val": int(val_mb * MB)}
     if min(limits.values()) < 1:
         raise DataError(f"train_mb and val_mb must be positive, got {train_mb} and {val_mb}")
-    settings = {"train_mb": train_mb, "val_mb": val_mb, "shard_bytes": shard_bytes}
-    reused = _demo_reuse(out, settings)
+    settings = {"train_mb": train_mb, "val_mb": val_mb, "shard_bytes": shard_bytes, "layout": _DEMO_LAYOUT}
+    reused, outdated = _demo_reuse(out, settings)
     if reused is not None:
         return reused
-    _check_out_free(out)
+    _check_out_free(out, outdated)
 
     root, sources = _stdlib_sources()
     val_share = limits["val"] / (limits["train"] + limits["val"])
-    buffers = {"train": bytearray(), "val": bytearray()}
+    # Each split's pieces, each counted with a separator after it (one more than the stream has).
+    sizes = {"train": 0, "val": 0}
+    texts: dict[str, list[bytes]] = {"train": [], "val": []}
+    cuts: dict[str, list[list[tuple[int, int]]]] = {"train": [], "val": []}
     docs: dict[str, list[list[str]]] = {"train": [], "val": []}
     seen: set[str] = set()
-    def has_room(split: str) -> bool:  # for the separator plus at least one byte of a document
-        return len(buffers[split]) + (len(SEPARATOR) if buffers[split] else 0) < limits[split]
+    def has_room(split: str) -> bool:  # the stream is still short of the limit
+        return sizes[split] - len(SEPARATOR) < limits[split]
 
     for rel in sources:
         if not (has_room("train") or has_room("val")):
@@ -222,15 +321,22 @@ def build_demo(out: str | os.PathLike, *, train_mb: float = 4.0, val_mb: float =
         if not data.strip() or digest in seen:
             continue
         seen.add(digest)
-        if buffers[split]:
-            buffers[split] += SEPARATOR
-        buffers[split] += data
+        texts[split].append(data)
+        cuts[split].append(_demo_cuts(data))
+        sizes[split] += len(data) + len(SEPARATOR) * len(cuts[split][-1])
         docs[split].append([rel, digest])
-    splits = {s: bytes(buffers[s][: limits[s]]) for s in buffers}  # the last document may be cut
+    splits: dict[str, bytes] = {}
+    pieces: dict[str, list[list[int]]] = {}
+    for s in texts:
+        excess = sizes[s] - len(SEPARATOR) - limits[s]
+        if excess > 0:  # the last document overflows the split: cut it, not the interleaved stream
+            cuts[s][-1] = _demo_trim(cuts[s][-1], excess)
+        order = _demo_interleave([rel for rel, _ in docs[s]], cuts[s])
+        splits[s], pieces[s] = _demo_stream(texts[s], order, limits[s])
     if not splits["train"] or not splits["val"]:
         raise DataError(f"the standard library at {root} has too little source for a demo corpus")
 
-    with _staging(out) as tmp:
+    with _staging(out, outdated) as tmp:
         names = _write_splits(tmp, splits, shard_bytes)
         meta = {
             "source": f"Python {platform.python_version()} standard library .py files",
@@ -239,14 +345,20 @@ def build_demo(out: str | os.PathLike, *, train_mb: float = 4.0, val_mb: float =
             "stdlib_files": len(sources),
             "settings": settings,
             "separator": SEPARATOR.decode(),
-            "note": "documents are whole files in the listed order; the last one of a split may be cut",
+            "piece_bytes": _DEMO_PIECE_BYTES,
+            "note": "a split is its documents' pieces [document index, start byte, end byte] in the listed "
+                    "order, joined by the separator; the last document may be cut short, the last piece by "
+                    "a few bytes",
             **{
-                s: {"bytes": len(splits[s]), "documents": docs[s],
+                s: {"bytes": len(splits[s]), "documents": docs[s], "pieces": pieces[s],
                     "shards": [n for n in names if n.startswith(f"fineweb_{s}_")]}
                 for s in splits
             },
         }
-        (tmp / CORPUS_JSON).write_text(json.dumps(meta, indent=1))
+        text = json.dumps(meta, indent=1)
+        # One line per piece rather than five (JSON strings hold no raw newline, so only pieces match).
+        text = re.sub(r"\[\s+(\d+),\s+(\d+),\s+(\d+)\s+\]", r"[\1, \2, \3]", text)
+        (tmp / CORPUS_JSON).write_text(text)
     return _summary(out, len(splits["train"]), len(splits["val"]), len(names), reused=False)
 
 

@@ -442,38 +442,39 @@ class Trainer:
         self.emit({**summary, "final": True})
         return TrainResult("diverged", self.step, summary, self.history)
 
-    def score(self, state: dict[str, torch.Tensor]) -> tuple[float, float, int]:
-        """(pre-quant BPB, post-quant BPB, artifact bytes) of `state` on the full val split."""
+    def score(self, state: dict[str, torch.Tensor], tokens: torch.Tensor) -> tuple[float, float, int]:
+        """(pre-quant BPB, post-quant BPB, artifact bytes) of `state` on `tokens`."""
         c = self.c
-        full = load_val_tokens(c.data_path, c.train_seq_len)
+
+        def bpb() -> float:
+            return evaluate_bpb(self.net, tokens, c.train_seq_len, c.val_batch_size, self.rt.device, self.rt.bf16,
+                                self.rt.rank, self.rt.world_size)[1]
+
         self.model.load_state_dict(state)
-        pre = evaluate_bpb(self.net, full, c.train_seq_len, c.val_batch_size, self.rt.device, self.rt.bf16,
-                           self.rt.rank, self.rt.world_size)[1]
+        pre = bpb()
         shipped = state if c.save_predictor else export.drop_predictor(state)
         blob, _ = export.artifact_bytes(shipped)
-        restored = export.decode_artifact(blob)
-        self.model.load_state_dict({**state, **restored})
-        post = evaluate_bpb(self.net, full, c.train_seq_len, c.val_batch_size, self.rt.device, self.rt.bf16,
-                            self.rt.rank, self.rt.world_size)[1]
-        return pre, post, len(blob)
+        self.model.load_state_dict({**state, **export.decode_artifact(blob)})
+        return pre, bpb(), len(blob)
 
     def finish(self) -> TrainResult:
+        """Score what would be shipped: the average when SWA ran (else the raw weights), after the
+        int8+zlib round trip; raw and averaged weights are each scored before and after it too. On
+        the full val split (a retrain), or with `final_score=False` on the val prefix every
+        evaluation used (a search trial: its score is then comparable with its rungs, and cheap)."""
         c = self.c
-        if not self.final_score:  # a search trial: its last evaluation is its score
-            last = self.history[-1]
-            summary = {"status": "completed", **{k: last[k] for k in ("step", "tokens", "elapsed_s", "val_bpb")},
-                       "params": self.n_params}
-            self.emit({**summary, "final": True})
-            return TrainResult("completed", self.step, summary, self.history)
+        tokens = load_val_tokens(c.data_path, c.train_seq_len) if self.final_score else self.val_prefix
         raw = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        raw_pre, raw_post, raw_bytes = self.score(raw)
+        raw_pre, raw_post, raw_bytes = self.score(raw, tokens)
         summary: dict[str, Any] = {"status": "completed", "step": self.step, "tokens": self.step * c.train_batch_tokens,
+                                   "compute_steps": self.step + self.probe_steps_done,
                                    "elapsed_s": round(self.train_time, 3), "params": self.n_params,
+                                   "scored_on": "val" if self.final_score else "val_prefix",
                                    "raw_bpb": raw_pre, "raw_q_bpb": raw_post, "avg_bpb": None, "avg_q_bpb": None}
         final_state, pre, post, nbytes = raw, raw_pre, raw_post, raw_bytes
         if self.swa is not None:
             final_state = self.swa.averaged_state(self.model)
-            pre, post, nbytes = self.score(final_state)
+            pre, post, nbytes = self.score(final_state, tokens)
             summary.update(avg_bpb=pre, avg_q_bpb=post)
         self.model.load_state_dict(final_state)
         if not math.isfinite(post):  # weights blew up without a non-finite training loss
@@ -486,7 +487,7 @@ class Trainer:
             shipped = final_state if c.save_predictor else export.drop_predictor(final_state)
             export.write_artifact(shipped, self.out_dir / export.ARTIFACT_NAME)
             _save_torch(self.out_dir / MODEL_NAME, {k: v.cpu() for k, v in final_state.items()})
-        self.log(f"final val_bpb (int8+zlib round trip): {post:.4f} pre-quant: {pre:.4f} "
+        self.log(f"final val_bpb (int8+zlib round trip, {summary['scored_on']}): {post:.4f} pre-quant: {pre:.4f} "
                  f"artifact: {nbytes} bytes (+{code} code) fits_cap: {summary['fits_cap']}")
         self.write_summary(summary)
         self.emit({**summary, "final": True})
@@ -521,8 +522,8 @@ def train(config: TrainConfig, report: Report | None = None, *, out_dir: str | o
         evaluation point, before `report` is called (its path is in metrics["checkpoint"]).
     resume_from: a checkpoint file or folder to continue from.
     final_score: score the final weights (raw and averaged, before and after the int8+zlib
-        round trip, on the full val split) and write the artifact. Search trials turn it
-        off: their score is the last evaluation.
+        round trip) on the full val split. Search trials turn it off: they score the same
+        weights the same way on the val prefix their evaluations use.
     on_start: called once the data and config are checked and the output folder exists.
     """
     out = Path(out_dir).resolve() if out_dir is not None else None

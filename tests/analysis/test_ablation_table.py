@@ -78,6 +78,24 @@ def test_paired_deltas_and_intervals_by_hand(table):
     assert t.loc["d", "n"] == 0 and math.isnan(t.loc["d", "delta"]) and not t.loc["d", "significant"]
 
 
+def test_the_seeds_left_out_of_each_pair_are_named(table):
+    assert "missing" in table.columns
+    ok = "completed"
+    t = ablation_table(runs([
+        ("a", 0, 4.8, ok), ("a", 1, 5.1, ok), ("a", 2, 4.9, ok), ("a", 3, math.nan, "diverged"),
+        ("base", 0, 5.0, ok), ("base", 1, 5.2, ok), ("base", 2, 5.1, ok),
+        ("b", 0, 5.3, ok), ("b", 1, 5.0, ok), ("b", 2, math.nan, "errored"), ("b", 3, 5.6, ok),
+        ("c", 1, 5.0, ok),
+        ("d", 0, math.nan, "errored"), ("d", 1, math.nan, "errored"),
+    ])).set_index("variant")
+    assert t["missing"].to_dict() == {
+        "base": "", "a": "a seed 3 diverged; base lacks seed 3", "b": "b seed 2 errored; base lacks seed 3",
+        "c": "c lacks seeds 0, 2", "d": "d lacks seed 2; d seeds 0, 1 errored"}
+    assert t.loc["b", "n"] == 2 and t.loc["b", "delta"] == pytest.approx(0.05)  # the same pairing as above
+    alone = ablation_table(runs([("x", 0, 4.0, "completed")]))
+    assert alone["missing"].tolist() == ["no base run"]
+
+
 def test_a_worse_variant_is_significant_with_a_positive_interval():
     table = ablation_table(runs([("base", s, 5.0 + 0.01 * s, "completed") for s in range(4)]
                                 + [("w", s, 5.5 + 0.02 * s, "completed") for s in range(4)]))

@@ -130,9 +130,15 @@ def rung_tables() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
 
 def test_rung_correlation_by_hand():
     r = explore.rung_correlation(*rung_tables())
-    assert list(r.columns) == ["rung", "n", "spearman", "cutoff", "best_stopped_here", "stopped"]
+    assert list(r.columns) == ["rung", "n", "spearman", "ci_low", "ci_high", "cutoff", "best_stopped_here",
+                               "stopped"]
     assert r["rung"].tolist() == [2, 4] and r["n"].tolist() == [5, 2]
     assert r["spearman"].iloc[0] == pytest.approx(RHO)  # the pruned t5 is not counted
+    # Fisher's z, se 1.06 / sqrt(n - 3): five trials leave most of [-1, 1] open
+    half = 1.959964 * 1.06 / math.sqrt(5 - 3)
+    assert (r["ci_low"].iloc[0], r["ci_high"].iloc[0]) == pytest.approx(
+        (math.tanh(math.atanh(RHO) - half), math.tanh(math.atanh(RHO) + half)))
+    assert math.isnan(r["ci_low"].iloc[1])
     assert math.isnan(r["spearman"].iloc[1])  # n < 3
     assert r["cutoff"].tolist() == [2.5, 1.4] and r["stopped"].tolist() == [2, 0]
     # the best trial (t1) was at 2.0 <= 2.5 at rung 2, but at 1.5 > 1.4 at rung 4
@@ -158,7 +164,8 @@ def test_compare_final_paired_ci_by_hand():
     rows = [("best", s, v, "completed") for s, v in enumerate(best)]
     rows += [("reference", s, v, "completed") for s, v in enumerate(ref)] + [("reference", 3, 99.0, "diverged")]
     c = explore.compare_final(final_table(rows))
-    assert list(c.columns) == ["recipe", "mean", "std", "count", "delta", "ci_low", "ci_high", "paired"]
+    assert list(c.columns) == ["recipe", "mean", "std", "count", "delta", "ci_low", "ci_high", "paired",
+                               "n_paired", "missing"]
     assert list(c["recipe"]) == ["best", "reference"] and c["count"].tolist() == [3, 3]
     b = c.iloc[0]
     d = [-0.3, -0.2, -0.45]  # per-seed differences, mean -0.31667
@@ -167,15 +174,19 @@ def test_compare_final_paired_ci_by_hand():
     assert b["delta"] == pytest.approx(-0.95 / 3) and b["paired"]
     assert (b["ci_low"], b["ci_high"]) == pytest.approx((-0.95 / 3 - half, -0.95 / 3 + half))
     assert b["mean"] == pytest.approx(sum(best) / 3) and b["std"] == pytest.approx(np.std(best, ddof=1))
+    assert b["n_paired"] == 3 and b["missing"] == "best lacks seed 3; reference seed 3 diverged"
     ref_row = c.iloc[1]
     assert math.isnan(ref_row["delta"]) and not ref_row["paired"]
+    assert pd.isna(ref_row["n_paired"]) and ref_row["missing"] == ""
 
 
-def test_compare_final_without_common_seeds_has_no_ci():
+def test_compare_final_with_one_common_seed_has_no_ci():
     c = explore.compare_final(final_table([("best", 0, 5.0, "completed"), ("best", 1, 5.2, "completed"),
                                            ("reference", 0, 5.4, "completed"), ("reference", 2, 5.6, "completed")]))
     b = c.set_index("recipe").loc["best"]
+    # one common seed (0): a delta over it alone (5.0 - 5.4), no interval
     assert b["delta"] == pytest.approx(-0.4) and not b["paired"] and math.isnan(b["ci_low"])
+    assert b["n_paired"] == 1 and b["missing"] == "best lacks seed 2; reference lacks seed 1"
     assert explore.compare_final(final_table([])).columns.tolist() == list(c.columns)
 
 
@@ -256,7 +267,7 @@ def test_every_helper_runs_on_a_real_sweep(sweep):
     before = table_mtimes(sweep.folder)
     tables = explore.load(sweep.folder)
     assert table_mtimes(sweep.folder) == before  # fresh: read, not rebuilt
-    assert tables._fields == ("trials", "curves", "decisions", "final")
+    assert tables._fields == ("trials", "curves", "decisions", "final", "finalists")
     for name, frame in tables._asdict().items():
         assert set(schema.TABLES[name]) <= set(frame.columns) and len(frame), name
     knobs = explore.knob_columns(tables.trials)
@@ -274,12 +285,17 @@ def test_every_helper_runs_on_a_real_sweep(sweep):
     imp = explore.importance(tables.trials, evaluator="ped-anova")
     assert list(imp.columns) == ["param", "importance", "evaluator"] and set(imp["param"]) <= set(knobs)
     rungs = explore.rung_correlation(tables.trials, tables.curves, tables.decisions)
-    assert list(rungs.columns) == ["rung", "n", "spearman", "cutoff", "best_stopped_here", "stopped"]
+    assert list(rungs.columns) == ["rung", "n", "spearman", "ci_low", "ci_high", "cutoff", "best_stopped_here",
+                                   "stopped"]
     assert rungs["rung"].tolist() == [r for r in sweep.rungs if r < sweep.trial_steps]
-    assert rungs["stopped"].sum() == (tables.trials["status"] == "pruned").sum()
+    # stopped counts ASHA's stops, the audited ones (run on to the end) included
+    assert rungs["stopped"].sum() == (tables.trials["status"] == "pruned").sum() + tables.trials["audited"].sum()
     final = explore.compare_final(tables.final)
-    assert list(final.columns) == ["recipe", "mean", "std", "count", "delta", "ci_low", "ci_high", "paired"]
-    assert set(final["recipe"]) == {"best", "reference"} and final.set_index("recipe").loc["best", "paired"]
+    assert list(final.columns) == ["recipe", "mean", "std", "count", "delta", "ci_low", "ci_high", "paired",
+                                   "n_paired", "missing"]
+    finalists = set(final["recipe"]) - {"reference"}
+    assert "reference" in set(final["recipe"]) and finalists and all(r.startswith("finalist-") for r in finalists)
+    assert final.set_index("recipe").loc[sorted(finalists), "paired"].all()
 
 
 def test_load_rebuilds_tables_older_than_a_trial_result(sweep):

@@ -47,7 +47,7 @@ def test_export_copies_the_sweeps_study(sweep, exported):
         assert (a.state, a.value, a.params, a.distributions) == (b.state, b.value, b.params, b.distributions)
         assert (a.intermediate_values, a.user_attrs, a.constraints) == (b.intermediate_values, b.user_attrs,
                                                                         b.constraints)
-    assert set(loaded.trials[0].params) == set(get_space("curriculum").params)  # bridge_frac, not ce_pure_frac
+    assert set(loaded.trials[0].params) == set(get_space("curriculum").params)  # bridge_share, not ce_pure_frac
     pruned = [t for t in loaded.trials if t.state == State.PRUNED]
     assert pruned, "ASHA stopped none of the 6 trials"
     for t in pruned:  # the value at the rung where ASHA stopped it, as Optuna records it
@@ -138,7 +138,7 @@ def test_export_falls_back_to_the_tables(tmp_path):
     curves = table(schema.CURVES, [{"trial_id": t, "step": s, "val_bpb": v}
                                    for t, s, v in (("t0", 4, 6.0), ("t0", 16, 5.0), ("t1", 2, 7.0), ("t1", 4, 6.5))])
     for name, frame in (("trials", trials), ("curves", curves), ("decisions", table(schema.DECISIONS, [])),
-                        ("final", table(schema.FINAL, []))):
+                        ("final", table(schema.FINAL, [])), ("finalists", table(schema.FINALISTS, []))):
         write_parquet(frame, folder / "tables" / f"{name}.parquet")
 
     loaded = open_journal(optuna_io.export_study(folder), "handmade")

@@ -72,12 +72,14 @@ def test_missing_data_makes_a_trial_unknown():
     assert out.loc["H", ["stopped_at", "unknown"]].tolist() == [10, False]
     # F recorded nothing at 20, so G is the second value there and is judged against A's 4.0 alone.
     summary = replay.replay_summary(out.reset_index(), {10: 10.0, 20: 20.0}, 40.0)
-    assert summary["unknown"] == 2 and summary["kept"] == 2
-    assert summary["compute"] == 40 + 20 + 40 + 10  # F is counted at the rung its data ran out
+    assert summary["unknown"] == 2 and summary["kept"] == 2 and summary["scored"] == 2
+    # F might have been stopped at 20 or run on: counted to the end (upper bound), or at 20 (lower)
+    assert summary["compute"] == 40 + 40 + 40 + 10 and summary["compute_low"] == 40 + 20 + 40 + 10
     # A rung nobody reported: every order keeps no one, so there is no rank to average.
     s = replay.replay_orders(values, {t: finals.get(t, math.nan) for t in values}, [30], 2, {30: 30.0}, 40.0,
                              orders=3)
-    assert (s["kept"], s["unknown"], s["best_stopped"], s["compute"]) == (0, 4, 0, 4 * 30)
+    assert (s["kept"], s["unknown"], s["scored"], s["best_stopped"]) == (0, 4, 2, 0)
+    assert (s["compute"], s["compute_low"]) == (4 * 40, 4 * 30)
     assert math.isnan(s["best_kept_rank"]) and math.isnan(s["regret"])
 
 
@@ -85,9 +87,9 @@ def test_replay_summary_counts_and_compute():
     out = replay.replay_asha(VALUES, FINALS, "ABCDE", [10, 20], 2)
     cost, end = replay.fidelity_cost("snapshot", [10, 20], 40)
     s = replay.replay_summary(out, cost, end)
-    assert s == {"trials": 5, "kept": 3, "unknown": 0, "best_stopped": True, "best_kept_rank": 2,
-                 "regret": pytest.approx(0.4), "compute": 3 * 40 + 10 + 20, "compute_all": 200.0,
-                 "compute_frac": pytest.approx(150 / 200)}
+    assert s == {"trials": 5, "kept": 3, "unknown": 0, "scored": 5, "best_stopped": True, "best_kept_rank": 2,
+                 "regret": pytest.approx(0.4), "compute": 3 * 40 + 10 + 20, "compute_low": 3 * 40 + 10 + 20,
+                 "compute_all": 200.0, "compute_frac": pytest.approx(150 / 200)}
     # Probes add k per rung reached; restarts pay every earlier rung's compressed run.
     assert replay.fidelity_cost("probe", [10, 20], 40, probe_steps=2) == ({10: 12.0, 20: 24.0}, 44.0)
     assert replay.fidelity_cost("restart", [10, 20], 40) == ({10: 10.0, 20: 30.0}, 70.0)
@@ -142,7 +144,8 @@ PROBE = {"A": {10: 3.0, 20: 2.9}, "B": {10: 5.0, 20: 4.8}, "C": {10: 4.0, 20: 3.
 
 def sweep_tables() -> tuple[pd.DataFrame, pd.DataFrame]:
     """The example above as a probe-mode sweep: D was pruned at 10 but audited (run to the end);
-    F was pruned and never audited, G diverged: neither has a known final."""
+    F was pruned at 10 and never audited: it takes part with its value at 10, its final unknown;
+    G diverged at 10: its one report is the penalty, not a measured value, so it takes no part."""
     curves = []
     for t, v in VALUES.items():
         curves += [{"trial_id": t, "step": s, "val_bpb": v[s], "probe_bpb": PROBE[t][s]} for s in (10, 20)]
@@ -168,19 +171,21 @@ def test_replay_sweep_settings_and_skips():
     assert out["milestones"].tolist() == ["10,20", "10,20", "20", "5,10,20", "10,20", "10,20"]
     assert out["fidelity"].tolist() == ["snapshot", "probe", "snapshot", "snapshot", "snapshot", "restart"]
     snap, probe, late, early, missing, restart = (out.iloc[i] for i in range(6))
-    # The hand-worked example: D (audited, final 2.5) is the best and is stopped at 10.
-    assert (snap["trials"], snap["kept"], snap["best_stopped"], snap["best_kept_rank"]) == (5, 3, 1.0, 2)
-    assert snap["compute"] == 150 and snap["compute_all"] == 200 and snap["note"] == ""
-    # Probe values at 10: A3 B5(>3 stop) C4(=median 4, on) D2 E6(>3.5 stop); at 20: C3.5 > 2.9 stops; D goes on.
+    # The hand-worked example: D (audited, final 2.5) is the best and is stopped at 10. F arrives last,
+    # passes 10 (1.0) and has no value at 20: unknown, counted to the end (40) or to 20 at the least.
+    assert (snap["trials"], snap["kept"], snap["unknown"], snap["scored"]) == (6, 3, 1, 5)
+    assert (snap["best_stopped"], snap["best_kept_rank"]) == (1.0, 2)
+    assert (snap["compute"], snap["compute_low"], snap["compute_all"], snap["note"]) == (190, 170, 240, "")
+    # Probe values at 10: A3 B5(>3 stop) C4(=median 4, on) D2 E6(>3.5 stop) F1; at 20: C3.5 > 2.9 stops.
     assert (probe["kept"], probe["best_stopped"], probe["best_kept_rank"], probe["regret"]) == (2, 0.0, 1, 0.0)
-    assert probe["compute"] == 44 + 12 + 24 + 44 + 12
-    # One rung at 20: only E (5.5 > median of 8, 5, 3, 2.6 = 4) stops.
-    assert (late["kept"], late["compute"], late["best_stopped"]) == (4, 4 * 40 + 20, 0.0)
-    assert restart["compute"] == 3 * 70 + 10 + 30
+    assert probe["compute"] == 44 + 12 + 24 + 44 + 12 + 44 and probe["compute_low"] == probe["compute"] - 20
+    # One rung at 20: only E (5.5 > median of 8, 5, 3, 2.6 = 4) stops; F has no value there.
+    assert (late["kept"], late["unknown"], late["compute"], late["best_stopped"]) == (4, 1, 4 * 40 + 20 + 40, 0.0)
+    assert restart["compute"] == 3 * 70 + 10 + 30 + 70
     assert early["note"] == "milestones 5 of val_bpb not recorded" and pd.isna(early["kept"])
     assert missing["note"] == "no column 'snapshot_bpb' in the curves" and pd.isna(missing["compute"])
     many = replay.replay_sweep(curves, trials, [(10, 2)], orders=50, seed=0).iloc[0]
-    assert many["orders"] == 50 and 0 <= many["best_stopped"] <= 1 and many["trials"] == 5
+    assert many["orders"] == 50 and 0 <= many["best_stopped"] <= 1 and many["trials"] == 6
 
 
 def test_replay_sweep_needs_one_budget():

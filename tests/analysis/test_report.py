@@ -177,7 +177,7 @@ def ablation_rows() -> pd.DataFrame:
             ("long_jepa", "jepa_pure_frac=0.3 | a long change text that goes on and on", 3, 5.05, 0.2, 0.05, -0.2,
              0.3, False),
             ("one_seed", "seed=1", 1, 5.1, math.nan, 0.1, math.nan, math.nan, False)]
-    return table(schema.ABLATION, [dict(zip(schema.ABLATION, r, strict=True)) for r in rows])
+    return table(schema.ABLATION, [dict(zip(schema.ABLATION, (*r, ""), strict=True)) for r in rows])
 
 
 def test_ablation_deltas_colour_by_significance():
@@ -258,9 +258,10 @@ def check_figures(folder: Path) -> set[str]:
     return {p.name for p in paths}
 
 
-SECTIONS = ["Leaderboard", "Learning curves", "BPB against each searched hyperparameter", "Parallel coordinates",
-            "Hyperparameter importance", "Rung correlation", "False stops (audit trials)",
-            "Other pruning settings, replayed", "Best recipe vs reference at equal budget", "Ablations"]
+SECTIONS = ["Conclusion", "Leaderboard", "Learning curves", "BPB against each searched hyperparameter",
+            "Parallel coordinates", "Hyperparameter importance", "Rung correlation", "False stops (audit trials)",
+            "Other pruning settings, replayed", "Finalists, retrained out of sample", "Ablations"]
+FINALISTS = "Finalists, retrained out of sample"
 
 
 def one_line(body: str) -> bool:
@@ -279,14 +280,23 @@ def test_analyze_writes_a_report_whose_links_are_all_valid_figures(sweep, capsys
     out = capsys.readouterr().out
     assert f"report: {sweep / REPORT_NAME}" in out and "top trials" in out  # the leaderboard as before
     names = check_figures(sweep)
-    assert {"curves.png", "params.png", "parallel.png", "rungs.png", "final.png", "ablation-quick.png"} <= names
-    body = sections((sweep / REPORT_NAME).read_text())
+    assert {"curves.png", "params.png", "parallel.png", "rungs.png", "final.png", "winners-curse.png",
+            "retrain-curves.png", "ablation-quick.png"} <= names
+    text = (sweep / REPORT_NAME).read_text()
+    body = sections(text)
     assert list(body) == SECTIONS
-    for title in ("Leaderboard", "Rung correlation", "Other pruning settings, replayed",
-                  "Best recipe vs reference at equal budget"):
+    for title in ("Leaderboard", "Rung correlation", "Other pruning settings, replayed", FINALISTS):
         assert "\n| --- |" in body[title], title  # a Markdown table
     assert "other ASHA settings replayed" in out
-    assert "| best |" in body["Best recipe vs reference at equal budget"]
+    assert "| finalist-1 |" in body[FINALISTS] and "| reference |" in body[FINALISTS]
+    # The report opens with its answer: which recipe, by how much, how sure; then what to run next.
+    from jepatune.analysis.finalists import conclusion
+    from jepatune.analysis.tables import load_tables
+
+    answer = conclusion(load_tables(sweep)["finalists"])
+    assert body["Conclusion"].startswith(answer) and "best.toml" in body["Conclusion"]
+    assert "jepatune ablate --sweep" in body["Conclusion"] and "- Pruning: Replayed over 100" in body["Conclusion"]
+    assert text.index(answer) < text.index("## Leaderboard")
     # importance needs 2 completed trials with different BPB: a figure, or one line saying why not
     assert "importance.png" in names or one_line(body["Hyperparameter importance"])
     assert "### quick" in body["Ablations"] and "| lejepa | regularizer=lejepa |" in body["Ablations"]
@@ -336,10 +346,10 @@ def test_a_crashed_sweep_still_gets_a_report_that_says_what_is_missing(sweep, tm
     assert "8 trials had not finished" in text
     body = sections(text)
     assert list(body) == SECTIONS
-    for title in SECTIONS[2:3] + SECTIONS[4:]:  # no completed trial, retrain or ablation: one line each
+    for title in SECTIONS[:1] + SECTIONS[3:4] + SECTIONS[5:]:  # no completed trial, retrain or ablation
         assert one_line(body[title]), (title, body[title])
     assert body["Leaderboard"] == "_no trial has run its whole budget yet_"
-    assert "no final retrain yet" in body["Best recipe vs reference at equal budget"]
+    assert "no final retrain yet" in body[FINALISTS] and "No retrain yet" in body["Conclusion"]
 
 
 def test_a_sweep_killed_before_its_first_trial_gets_a_report(sweep, tmp_path):

@@ -26,6 +26,7 @@ from jepatune.analysis.tables import load_tables, read_jsonl
 from jepatune.search.searcher import RecordingASHA
 from jepatune.search.sweep import CACHE_DIR, base_config, load_study, read_settings
 from jepatune.spaces import get_space
+from jepatune.trainer.config import TrainConfig
 from jepatune.trainer.loop import trainer_code_bytes
 
 TRIAL_ID = re.compile(r"^run_trial_([0-9a-f]{8})_")
@@ -140,29 +141,95 @@ def _check_dtypes(folder: Path) -> dict[str, pd.DataFrame]:
     return tables
 
 
+def _raw_reports(folder: Path) -> dict[str, list[dict]]:
+    """Ray's own record, trial folder by trial folder: every line of each result.json."""
+    return {d.name: [json.loads(line) for line in (d / "result.json").read_text().splitlines() if line.strip()]
+            for d in sorted(folder.glob("run_trial_*")) if (d / "result.json").exists()}
+
+
+def _checkpointed_steps(folder: Path) -> dict[str, int]:
+    """trial id -> the step of the newest checkpoint the newest experiment snapshot names for it: what
+    a resumed sweep restarts that trial from."""
+    import ray.cloudpickle
+
+    snaps = sorted(folder.glob("experiment_state-*.json"))
+    try:
+        trial_data = json.loads(snaps[-1].read_text())["trial_data"] if snaps else []
+    except ValueError:  # mid-copy
+        return {}
+    out = {}
+    for trial_json, runtime_json in trial_data:
+        trial, manager = json.loads(trial_json), json.loads(runtime_json)["checkpoint_manager"]
+        results = ray.cloudpickle.loads(bytes.fromhex(manager["value"]))._checkpoint_results
+        if trial["status"] == "RUNNING" and results:
+            out[trial["trial_id"]] = int(results[-1].metrics["step"])
+    return out
+
+
+def _asha_cutoff(values: list[float], reduction_factor: int = 2) -> float | None:
+    """Ray's ASHA cut-off of a rung holding `values` (val_bpb, minimised)."""
+    import numpy as np
+
+    return float(np.nanpercentile(values, 100 / reduction_factor)) if values else None
+
+
 @pytest.mark.slow
 def test_a_sweep_killed_mid_way_resumes_without_losing_or_repeating_trials(tmp_path, demo_data, sweep_knobs):
-    samples, out = 8, tmp_path / "out"
+    samples, steps, out = 8, 48, tmp_path / "out"
     folder = out / "s"
     started = time.monotonic()
     # samples <= the sampler's 10 random startup trials: the restored, seeded sampler then replays
-    # exactly the suggestions lost with the last snapshot, so each recipe comes back once. One ASHA
-    # cut (rungs 12, 24): enough trials complete early for the kill to land mid-sweep.
+    # exactly the suggestions lost with the last snapshot, so each recipe comes back once. Rungs
+    # 6, 12, 24, 48: enough trials complete early for the kill to land mid-sweep, while a trial that
+    # the last snapshot knows as running has a checkpoint to continue from.
     first = ["--data", str(demo_data), "--out", str(out), "--name", "s", "--samples", str(samples),
-             "--trial-steps", "24", "--grace-steps", "12", "--concurrency", "2", *_set_args(sweep_knobs)]
+             "--trial-steps", str(steps), "--grace-steps", "6", "--concurrency", "2", *_set_args(sweep_knobs)]
     with Search(first, tmp_path / "first.log") as search:
         # The trainable writes finished/<config_key>.json when a trial completes, before it reports.
-        _poll("two finished trials", lambda: len(list((folder / CACHE_DIR).glob("*.json"))) >= 2, search, 60)
+        _poll("two finished trials and a running one with a checkpoint in the snapshot",
+              lambda: len(list((folder / CACHE_DIR).glob("*.json"))) >= 2 and bool(_checkpointed_steps(folder)),
+              search, 60)
         search.kill()
-    finished = {f.stem: json.loads(f.read_text()) for f in (folder / CACHE_DIR).glob("*.json")}
+    cache = {f.stem: (f.read_bytes(), f.stat().st_mtime_ns) for f in (folder / CACHE_DIR).glob("*.json")}
+    finished = {key: json.loads(text) for key, (text, _) in cache.items()}
     states = _snapshot_states(folder)
     assert sum(s == "TERMINATED" for s in states.values()) < samples, "the kill came after the sweep's end"
     told_before = len(load_study(folder).trials)
+    decided_before = read_jsonl(folder / "decisions.jsonl")
+    lines_before = {name: len(reports) for name, reports in _raw_reports(folder).items()}
+    resumes_from = _checkpointed_steps(folder)
 
     with Search(["--resume", "--out", str(out), "--name", "s"], tmp_path / "resume.log") as search:
         assert search.wait(90) == 0, search.tail()
     print(f"kill and resume: {time.monotonic() - started:.0f}s, {len(finished)} finished and "
-          f"{len(states)} trials in the snapshot at the kill")
+          f"{len(states)} trials in the snapshot at the kill, {len(resumes_from)} running with a checkpoint")
+
+    # From Ray's raw trial folders and the cache files, not the (folded) tables:
+    raw = _raw_reports(folder)
+    after = {name: reports[lines_before.get(name, 0):] for name, reports in raw.items()}
+    trained = [r for reports in raw.values() for r in reports if not r.get("cached")]
+    for key in finished:
+        # A recipe finished before the kill was trained to its end once (its final report may not have
+        # reached Ray before the kill: then only the cache holds it), and not at all after the resume,
+        # where it is answered from the cache.
+        assert sum(r.get("config_key") == key and r["step"] == steps for r in trained) <= 1, key
+        assert any(r.get("config_key") == key and r["step"] == steps for reports in raw.values() for r in reports)
+        assert not any(r.get("config_key") == key and not r.get("cached") for new in after.values() for r in new), key
+        assert cache[key] == ((folder / CACHE_DIR / f"{key}.json").read_bytes(),
+                              (folder / CACHE_DIR / f"{key}.json").stat().st_mtime_ns), key  # not rewritten
+    for name, new in after.items():  # a trial running at the kill continued from its checkpoint
+        trial_id = TRIAL_ID.match(name).group(1)
+        if trial_id in resumes_from and (trained_again := [r for r in new if not r.get("cached")]):
+            assert trained_again[0]["step"] > resumes_from[trial_id], (name, resumes_from[trial_id], trained_again)
+
+    # ASHA's books across the kill: the resumed scheduler held every value decided before it, so each
+    # decision's cut-off, before the kill and after it, is Ray's rule over all earlier values at its rung.
+    decided = read_jsonl(folder / "decisions.jsonl")
+    assert decided[:len(decided_before)] == decided_before and len(decided) > len(decided_before)
+    for i, row in enumerate(decided):
+        earlier = [d["value"] for d in decided[:i] if d["rung"] == row["rung"] and d["trial_id"] != row["trial_id"]]
+        assert row["cutoff"] == pytest.approx(_asha_cutoff(earlier)), (i, row, earlier)
+        assert (row["decision"] != "continue") == (row["cutoff"] is not None and row["value"] > row["cutoff"])
 
     tables = _check_dtypes(folder)
     trials = tables["trials"]
@@ -255,7 +322,7 @@ def test_a_driver_killed_in_the_retrain_and_its_tables_keeps_every_finished_run_
              "--grace-steps", "16", "--concurrency", "2", "--final-steps", "40", "--final-seeds", "2",
              *_set_args(sweep_knobs)]
     with Search(first, tmp_path / "first.log") as search:
-        # 4 retrain runs (best and reference, 2 seeds), 2 at a time: kill with one finished and one cut.
+        # 4 retrain runs (a finalist and the reference, 2 seeds), 2 at a time: kill with one finished and one cut.
         _poll("a finished and a cut retrain run", lambda: bool(read_jsonl(runs)) and _cut_run(final), search, 120)
         search.kill()
     kept = runs.read_text().splitlines()
@@ -277,8 +344,9 @@ def test_a_driver_killed_in_the_retrain_and_its_tables_keeps_every_finished_run_
     assert lines[:len(kept)] == kept  # finished before the kill: kept as they were, not trained again
     rows = read_jsonl(runs)
     assert len(rows) == len(lines) == 4
-    assert sorted((r["recipe"], r["seed"]) for r in rows) == [("best", 0), ("best", 1), ("reference", 0),
-                                                               ("reference", 1)]
+    labels, seeds = sorted({r["recipe"] for r in rows}), [TrainConfig().seed + 1, TrainConfig().seed + 2]
+    assert len(labels) == 2 and "reference" in labels  # both trials are finalists, one of them the reference's
+    assert sorted((r["recipe"], r["seed"]) for r in rows) == [(label, s) for label in labels for s in seeds]
     for row in rows:  # each folder holds one run: the cut one started again from an empty folder
         run = final / f"{row['recipe']}-seed{row['seed']}"
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

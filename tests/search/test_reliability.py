@@ -170,13 +170,14 @@ def test_retrain_skips_a_finished_run_and_trains_a_new_budget(tiny, tmp_path, lo
     from jepatune.search.retrain import FINAL_DIR, RUNS_NAME, retrain
 
     runs = tmp_path / FINAL_DIR / RUNS_NAME
-    first = retrain(tmp_path, {"recipe": tiny.replace(iterations=4)}, 1, 1, 0, log=lambda _: None)
+    seeds = [tiny.seed + 1]
+    first = retrain(tmp_path, {"recipe": tiny.replace(iterations=4)}, seeds, 1, 0, log=lambda _: None)
     lines = runs.read_text()
-    again = retrain(tmp_path, {"recipe": tiny.replace(iterations=4)}, 1, 1, 0, log=pytest.fail)  # nothing to train
+    again = retrain(tmp_path, {"recipe": tiny.replace(iterations=4)}, seeds, 1, 0, log=pytest.fail)  # nothing to train
     assert runs.read_text() == lines and again.equals(first) and len(first) == 1
-    longer = retrain(tmp_path, {"recipe": tiny.replace(iterations=6)}, 1, 1, 0, log=lambda _: None)
+    longer = retrain(tmp_path, {"recipe": tiny.replace(iterations=6)}, seeds, 1, 0, log=lambda _: None)
     assert list(longer["steps"]) == [6] and len(read_jsonl(runs)) == 2  # both kept, only the new one returned
-    metrics = (tmp_path / FINAL_DIR / "recipe-seed0" / "metrics.jsonl").read_text().splitlines()
+    metrics = (tmp_path / FINAL_DIR / f"recipe-seed{seeds[0]}" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(m)["step"] for m in metrics] == [0, 4, 6, 6]  # the folder holds the new run alone
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import optuna
 import pytest
 
@@ -31,7 +32,7 @@ from jepatune.spaces._space import KNOBS
 from jepatune.trainer.config import TrainConfig, apply_overrides
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-DERIVED_PARAMS = {"bridge_frac", "swa_start"}  # parameters that are not knobs themselves
+DERIVED_PARAMS = {"bridge_share", "swa_start"}  # parameters that are not knobs themselves
 REFERENCE_ARTIFACT_BYTES = 15_080_959  # bytejepa.md: the reference's int8+zlib model bytes
 
 
@@ -105,7 +106,7 @@ def test_reference_point_follows_base_clipped():
     base = TrainConfig(jepa_pure_frac=0.2, ce_pure_frac=0.9, sigreg_weight=5.0, swa_enabled=False,
                        warmdown_frac=0.3, num_layers=2, model_dim=128, num_heads=4, num_kv_heads=2, mlp_mult=3)
     ref = get_space("curriculum", base).reference_point()
-    assert ref == {"jepa_pure_frac": 0.2, "bridge_frac": 0.7, "sigreg_weight": 1.0, "swa_start": 1.05}
+    assert ref == {"jepa_pure_frac": 0.2, "bridge_share": pytest.approx(0.875), "sigreg_weight": 1.0, "swa_start": 1.05}
     out = get_space("curriculum", base).overrides(ref)
     assert (out["ce_pure_frac"], out["swa_enabled"], out["swa_start_frac"]) == (0.9, False, None)
     assert get_space("optimizer", base).reference_point()["warmdown_frac"] == 0.3
@@ -114,8 +115,53 @@ def test_reference_point_follows_base_clipped():
     # Out-of-range stage fractions are clipped, and ce >= jepa still holds.
     late = TrainConfig(jepa_pure_frac=0.7, ce_pure_frac=0.75)
     ref = get_space("curriculum", late).reference_point()
-    assert ref["jepa_pure_frac"] == 0.6 and ref["bridge_frac"] == pytest.approx(0.15)
+    assert ref["jepa_pure_frac"] == 0.6 and ref["bridge_share"] == pytest.approx(0.375)
     assert get_space("curriculum", late).overrides(ref)["ce_pure_frac"] == 0.75
+    # A base with no CE stage, and one with no bridge, are still exactly representable.
+    for jepa, ce in ((0.1, 1.0), (0.3, 0.3), (0.0, 0.0), (0.6, 1.0)):
+        space = get_space("curriculum", TrainConfig(jepa_pure_frac=jepa, ce_pure_frac=ce))
+        assert space.overrides(space.reference_point())["ce_pure_frac"] == ce
+
+
+def test_curriculum_reference_maps_back_exactly():
+    space = get_space("curriculum")
+    ref = space.reference_point()
+    assert space.dims[1].contains(ref["bridge_share"])
+    out = space.overrides(ref)
+    assert (out["jepa_pure_frac"], out["ce_pure_frac"]) == (0.1, 0.8) == (TrainConfig().jepa_pure_frac,
+                                                                          TrainConfig().ce_pure_frac)
+    # Every base on a 0.01 grid (within the jepa range) gives its own ce_pure_frac back exactly.
+    for a in range(0, 61, 3):
+        for c in range(a, 101, 7):
+            base = TrainConfig(jepa_pure_frac=a / 100, ce_pure_frac=c / 100)
+            space = get_space("curriculum", base)
+            assert space.overrides(space.reference_point())["ce_pure_frac"] == c / 100
+
+
+def test_curriculum_prior_has_no_spike_at_no_ce_stage():
+    """Uniform draws of the parameters (the prior TPE starts from): ce_pure_frac >= jepa_pure_frac
+    always, and hardly any draw lands on "no cross-entropy stage" (the old jepa + bridge
+    length capped at 1 put about 23% of the mass there)."""
+    space = get_space("curriculum")
+    rng = np.random.default_rng(0)
+    draws = 20_000
+    columns = {}
+    for d in space.dims:
+        low, high = (np.log(d.low), np.log(d.high)) if d.log else (d.low, d.high)
+        u = rng.uniform(low, high, draws)
+        columns[d.name] = np.exp(u) if d.log else u
+    jepa, ce = [], []
+    for k in range(draws):
+        out = space.overrides({name: float(v[k]) for name, v in columns.items()})
+        assert INFEASIBLE_KEY not in out
+        jepa.append(out["jepa_pure_frac"])
+        ce.append(out["ce_pure_frac"])
+    jepa, ce = np.array(jepa), np.array(ce)
+    assert (ce >= jepa).all()
+    no_ce = (ce >= 0.999).mean()
+    assert no_ce < 0.05, no_ce
+    # The stage split still covers its range: CE can start early or late.
+    assert (ce >= 0.95).mean() > 0.01 and ce.min() < 0.05
 
 
 def test_full_marks_oversize_shapes_infeasible():
@@ -139,7 +185,7 @@ def test_space_overrides_ignores_extra_keys_and_needs_all_params():
     space = get_space("curriculum")
     ray_config = {**space.reference_point(), "ce_pure_frac": 0.8, "swa_enabled": True}
     assert space.overrides(ray_config)["ce_pure_frac"] == 0.8
-    with pytest.raises(SpaceError, match="bridge_frac"):
+    with pytest.raises(SpaceError, match="bridge_share"):
         space.overrides({"jepa_pure_frac": 0.1})
 
 

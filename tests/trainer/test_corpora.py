@@ -14,6 +14,7 @@ from jepatune.trainer.corpora import (
     FINEWEB_VARIANTS,
     HF_ROOT,
     SEPARATOR,
+    _demo_cuts,
     build_demo,
     build_from_text,
     fetch_fineweb,
@@ -31,6 +32,22 @@ def split_bytes(folder: Path, split: str) -> bytes:
     tokens = np.concatenate(shards) if shards else np.zeros(0, np.uint16)
     assert tokens.size == 0 or int(tokens.max()) < 256
     return tokens.astype(np.uint8).tobytes()
+
+
+def joined_pieces(root: Path, split_meta: dict) -> bytes:
+    """A split's bytes as its corpus.json entry describes them."""
+    texts = [(root / rel).read_bytes() for rel, _ in split_meta["documents"]]
+    data = SEPARATOR.join(texts[i][start:end] for i, start, end in split_meta["pieces"])
+    return data[: split_meta["bytes"]]
+
+
+def max_segment_tv(data: bytes, segments: int = 8) -> float:
+    """The largest total-variation distance between the byte histogram of one of `segments`
+    equal stretches of `data` and that of the whole."""
+    tokens = np.frombuffer(data, np.uint8)
+    whole = np.bincount(tokens, minlength=256) / tokens.size
+    return max(0.5 * float(np.abs(np.bincount(part, minlength=256) / part.size - whole).sum())
+               for part in np.array_split(tokens, segments))
 
 
 def no_leftovers(parent: Path) -> bool:
@@ -79,13 +96,140 @@ def test_demo_builds_readable_deterministic_disjoint_splits(tmp_path: Path) -> N
     # a stable shuffle, not alphabetical: each split mixes packages and modules from everywhere
     train_names = [r for r, _ in docs["train"]]
     assert train_names != sorted(train_names) and len({r.split("/")[0][:1] for r in train_names}) > 5
-    # corpus.json describes the shards exactly: each split is its files' bytes joined in order
+    # corpus.json describes the shards exactly: each split is pieces of its own files joined
     # (the last one cut at the size limit), so disjoint file hashes mean disjoint content.
     for split, data in (("train", train), ("val", val)):
-        joined = SEPARATOR.join((root / rel).read_bytes() for rel, _ in docs[split])
-        assert joined[: len(data)] == data
+        assert joined_pieces(root, meta[split]) == data
     assert not {h for _, h in docs["train"]} & {h for _, h in docs["val"]}
     assert not {r for r, _ in docs["train"]} & {r for r, _ in docs["val"]}
+    assert no_leftovers(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def demo4(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default-size demo (4 MB train, 0.5 MB val): a fraction of a second to build."""
+    out = tmp_path_factory.mktemp("demo4") / "data"
+    build_demo(out)
+    return out
+
+
+def test_demo_train_stream_is_stationary(demo4: Path) -> None:
+    """Every eighth of the train stream has about the byte mix of the whole, several times
+    closer than the same files written one after another (the long run of pydoc's prose
+    topics, or of one big module, made the old layout drift)."""
+    meta = json.loads((demo4 / "corpus.json").read_text())
+    root = Path(meta["stdlib"])
+    train = split_bytes(demo4, "train")
+    contiguous = SEPARATOR.join((root / rel).read_bytes() for rel, _ in meta["train"]["documents"])
+    contiguous = contiguous[: len(train)]
+    assert len(contiguous) == len(train)
+    new, old = max_segment_tv(train), max_segment_tv(contiguous)
+    assert new < 0.04 and 4 * new < old, (new, old)
+    # Many files in every stretch: each eighth holds pieces of most of the split's large files.
+    pieces = meta["train"]["pieces"]
+    sizes = [len((root / rel).read_bytes()) for rel, _ in meta["train"]["documents"]]
+    large = {i for i, n in enumerate(sizes) if n >= 64_000}
+    assert len(large) >= 5
+    for part in np.array_split(np.arange(len(pieces)), 8):
+        assert len(large & {pieces[k][0] for k in part}) >= len(large) - 1
+
+
+def test_demo_pieces_keep_the_split_by_file(demo4: Path) -> None:
+    """No piece of a val file is in train: each split is made of its own files' pieces, and
+    the few val pieces found verbatim in train are stdlib duplicates (near-identical code-page
+    tables), present in a train file of their own."""
+    meta = json.loads((demo4 / "corpus.json").read_text())
+    root = Path(meta["stdlib"])
+    train, val = split_bytes(demo4, "train"), split_bytes(demo4, "val")
+    assert joined_pieces(root, meta["train"]) == train and joined_pieces(root, meta["val"]) == val
+    docs = {s: [(root / rel).read_bytes() for rel, _ in meta[s]["documents"]] for s in ("train", "val")}
+    assert not {r for r, _ in meta["train"]["documents"]} & {r for r, _ in meta["val"]["documents"]}
+    for split in ("train", "val"):
+        # A file's cuts cover it without overlap, a few KB each, after a line break.
+        cuts = [_demo_cuts(text) for text in docs[split]]
+        for text, spans in zip(docs[split], cuts, strict=True):
+            assert spans[0][0] == 0 and spans[-1][1] == len(text)
+            assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+            assert all(end - start <= 4096 * 5 // 4 for start, end in spans)
+            assert all(text[end - 1:end] == b"\n" for _, end in spans[:-1])
+        # The stream holds every cut of every file once, but for the split's last file (cut
+        # short to meet the size) and the stream's last piece (short by at most a separator).
+        *body, (i, start, end) = [tuple(p) for p in meta[split]["pieces"]]
+        full = next(b for a, b in cuts[i] if a == start)
+        assert end <= full and (full - end <= len(SEPARATOR) or i == len(docs[split]) - 1)
+        held = sorted((*body, (i, start, full)))
+        assert len(set(held)) == len(held)
+        for i, spans in enumerate(cuts):
+            got = [(a, b) for d, a, b in held if d == i]
+            if i < len(cuts) - 1:
+                assert got == spans
+            else:
+                assert got and got[:-1] == spans[: len(got) - 1] and got[-1][0] == spans[len(got) - 1][0]
+    leaked = [docs["val"][i][a:b] for i, a, b in meta["val"]["pieces"] if b - a >= 256]
+    leaked = [p for p in leaked if p in train]
+    assert len(leaked) <= len(meta["val"]["pieces"]) // 10
+    assert all(any(p in text for text in docs["train"]) for p in leaked)
+
+
+def test_demo_is_deterministic_across_walk_order_and_hash_seed(tmp_path: Path, demo4: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from jepatune.trainer import corpora
+
+    expected = {s: split_bytes(demo4, s) for s in ("train", "val")}
+    meta = (demo4 / "corpus.json").read_text()
+    walk = os.walk
+
+    def reversed_walk(top, *args, **kwargs):  # the filesystem may list entries in any order
+        for folder, dirs, files in walk(top, *args, **kwargs):
+            dirs.reverse()
+            files.reverse()
+            yield folder, dirs, files
+
+    monkeypatch.setattr(corpora.os, "walk", reversed_walk)
+    build_demo(tmp_path / "walk")
+    monkeypatch.undo()
+    code = "import sys; from jepatune.trainer.corpora import build_demo; build_demo(sys.argv[1])"
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "seed")], env=env, check=True)
+    for out in (tmp_path / "walk", tmp_path / "seed"):
+        assert {s: split_bytes(out, s) for s in expected} == expected
+        assert (out / "corpus.json").read_text() == meta
+
+
+def test_demo_rebuilds_a_folder_of_an_older_layout(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    build_demo(out, train_mb=0.3, val_mb=0.05)
+    fresh = {s: split_bytes(out, s) for s in ("train", "val")}
+    meta_path = out / "corpus.json"
+    meta = json.loads(meta_path.read_text())
+    # What the builder of whole files in order wrote: no layout in the settings, other shards.
+    del meta["settings"]["layout"]
+    meta["train"]["shards"] = ["fineweb_train_000000.bin", "fineweb_train_000001.bin"]
+    write_shard(out / "fineweb_train_000001.bin", np.zeros(10, np.uint16))
+    write_shard(out / "fineweb_train_000000.bin", np.zeros(10, np.uint16))
+    meta_path.write_text(json.dumps(meta))
+    # Other files in the folder: not ours to delete, so no rebuild, and the old build stays.
+    (out / "notes.md").write_text("mine")
+    with pytest.raises(DataError, match="not empty|already holds"):
+        build_demo(out, train_mb=0.3, val_mb=0.05)
+    assert (out / "fineweb_train_000001.bin").is_file()
+    assert "layout" not in json.loads(meta_path.read_text())["settings"]
+    (out / "notes.md").unlink()
+    again = build_demo(out, train_mb=0.3, val_mb=0.05)
+    assert again["reused"] is False and again["files"] == 2
+    names = ["corpus.json", "fineweb_train_000000.bin", "fineweb_val_000000.bin"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    assert {s: split_bytes(out, s) for s in fresh} == fresh
+    assert build_demo(out, train_mb=0.3, val_mb=0.05)["reused"] is True
+    # Another size is still refused, old layout or not.
+    del meta["settings"]["train_mb"]
+    meta_path.write_text(json.dumps({**meta, "settings": {**meta["settings"], "train_mb": 9.0}}))
+    with pytest.raises(DataError, match="pick another folder or delete it"):
+        build_demo(out, train_mb=0.3, val_mb=0.05)
     assert no_leftovers(tmp_path)
 
 
