@@ -26,6 +26,7 @@ from jepatune.analysis import explore
 from jepatune.analysis.schema import PENALIZED
 
 DPI = 100
+RECIPE_COLORS = ["tab:blue", "tab:green", "tab:purple", "tab:red", "tab:brown", "tab:pink"]  # orange: the reference
 STATUS_COLORS = {"completed": "tab:blue", "pruned": "0.6", "diverged": "tab:red", "infeasible": "tab:purple",
                  "oom": "tab:brown", "errored": "tab:orange", "incomplete": "tab:green"}
 REFERENCE_STYLE = dict(marker="*", s=140, color="black", zorder=5, label="reference recipe")
@@ -398,11 +399,17 @@ def retrain_curves(curves: pd.DataFrame) -> Figure:
     fig = _figure()
     ax = fig.add_subplot()
     recipes = _recipe_order(list(curves["recipe"].astype(str).unique()))
-    colors = {r: ("tab:orange" if r == "reference" else f"C{i}") for i, r in enumerate(recipes)}
+    others = iter(RECIPE_COLORS * len(recipes))
+    colors = {r: ("tab:orange" if r == "reference" else next(others)) for r in recipes}
     for (recipe, _), run in curves.groupby(["recipe", "seed"], sort=False):
         run = run.sort_values("step")
         ax.plot(run["step"], run["val_bpb"], color=colors[str(recipe)], lw=1, alpha=0.8)
     ax.legend(handles=[Line2D([], [], color=colors[r], label=r) for r in recipes], fontsize=8)
+    # A pure-JEPA start leaves the CE head untrained (BPB far above 8): show the part that decides.
+    late = curves.loc[curves["step"] >= 0.2 * curves["step"].max(), "val_bpb"].astype(float)
+    if len(late):
+        span = max(late.max() - late.min(), 0.05)
+        ax.set_ylim(late.min() - 0.1 * span, late.max() + 0.5 * span)
     ax.set(xlabel="step", ylabel=BPB, title=title)
     ax.grid(alpha=0.3)
     return fig

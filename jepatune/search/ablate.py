@@ -111,7 +111,7 @@ class Variant:
 # --- the base and its variants ----------------------------------------------------------------
 
 def sweep_best(folder: str | os.PathLike) -> TrainConfig:
-    """A sweep's best recipe: its best.toml, else the best completed trial at the retrain budget."""
+    """A sweep's best recipe: its best.toml (the winner of its retrain), else its best completed trial."""
     from jepatune.analysis.tables import load_tables
 
     settings = read_settings(folder)  # a clear error when it is not a sweep

@@ -339,7 +339,6 @@ def finalize(folder: str | os.PathLike, *, final_steps: int = 0, final_seeds: in
     reference at the final budget, with seeds no trial used; the winner, written to best.toml, is
     the recipe with the best retrain mean (the reference when no finalist beats it). Rebuilds the
     tables; returns the finalists table."""
-    from jepatune.analysis.finalists import conclusion
     from jepatune.analysis.tables import load_tables, write_tables
     from jepatune.search.retrain import recipe_config, retrain, retrain_seeds, top_trials, write_best
     from jepatune.search.trainable import KNOBS
@@ -376,7 +375,6 @@ def finalize(folder: str | os.PathLike, *, final_steps: int = 0, final_seeds: in
     table = load_tables(folder)["finalists"]
     winner = table[table["winner"]].iloc[0]["recipe"]
     log(f"winner: {winner} (the best retrain mean); its recipe in {write_best(folder, runs[winner])}")
-    log(conclusion(table))
     return table
 
 

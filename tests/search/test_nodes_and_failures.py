@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import optuna
-import pandas as pd
 import pytest
 
 from jepatune.analysis.tables import load_tables
