@@ -100,7 +100,7 @@ fi
 section "training: $ITERS steps, preset $PRESET"
 T0=$SECONDS
 "$PY" -m jepatune train --preset "$PRESET" --data "$WORK/data" "${SHAPE[@]}" \
-  --set iterations="$ITERS" --set val_loss_every="$EVERY" --set warmdown_frac=0.3 \
+  --set iterations="$ITERS" --set max_wallclock_seconds=0 --set val_loss_every="$EVERY" --set warmdown_frac=0.3 \
   --set val_tokens="$VAL_TOKENS" --set train_log_every=50 --out "$WORK/train"
 echo "training took $((SECONDS - T0)) s (wall, including evaluation and export)"
 "$PY" - "$WORK/train" <<'EOF'

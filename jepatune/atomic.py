@@ -53,6 +53,29 @@ def unwritable_ancestor(path: str | os.PathLike) -> Path | None:
     return None if probe.is_dir() and os.access(probe, os.W_OK) else probe  # a file is no folder to write in
 
 
+def creation_problem(path: str | os.PathLike) -> str | None:
+    """Why a folder at `path` (with its parents) could not be created, else None; found without creating
+    anything, so that a bad output path stops a command before any work starts. Covers an existing
+    ancestor that is a file or not writable, a name or path too long for the filesystem, and any other
+    error of looking the path up (a folder that may not be searched, say)."""
+    path = Path(os.path.abspath(path))
+    try:
+        probe = path
+        while not os.path.lexists(probe):  # False for a name too long to look up: its length is checked below
+            probe = probe.parent
+        if not probe.is_dir() or not os.access(probe, os.W_OK):  # a file, or a symlink mkdir would not follow
+            return f"{probe} is not a writable folder"
+        name_max, path_max = os.pathconf(probe, "PC_NAME_MAX"), os.pathconf(probe, "PC_PATH_MAX")
+    except OSError as e:
+        return f"{e.strerror or e}"
+    for name in path.relative_to(probe).parts:
+        if (size := len(os.fsencode(name))) > name_max:
+            return f"the name {name[:24]}... is {size} bytes, more than the {name_max} its filesystem allows"
+    if (size := len(os.fsencode(str(path)))) >= path_max:  # PATH_MAX counts the terminating NUL
+        return f"the path is {size} bytes, more than the {path_max - 1} allowed"
+    return None
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from jepatune.atomic import unwritable_ancestor
+from jepatune.atomic import creation_problem
 from jepatune.errors import ConfigError, JepatuneError
 
 DEMO_OUT = "runs/demo"
@@ -54,10 +54,10 @@ def _prepare_out(out: Path, resume: bool = False) -> Path:
     """Check that `out` can be written before any work starts (it is created later,
     once the inputs are checked, so bad input leaves nothing behind)."""
     out = out.resolve()
-    if out.exists() and not out.is_dir():
+    if os.path.lexists(out) and not os.path.isdir(out):
         raise JepatuneError(f"--out {out} is a file; give a folder")
-    if (probe := unwritable_ancestor(out)) is not None:
-        raise JepatuneError(f"--out {out}: {probe} is not a writable folder; choose another folder")
+    if (problem := creation_problem(out)) is not None:  # every reason mkdir would fail for, checked up front
+        raise JepatuneError(f"--out {out}: {problem}; choose another folder")
     if not resume and out.is_dir() and any(out.glob("summary.json")):
         raise JepatuneError(f"--out {out} already holds a finished run; choose a new folder or delete it")
     return out
@@ -408,9 +408,14 @@ def build_parser() -> argparse.ArgumentParser:
     d = dsub.add_parser("transpile", help="SentencePiece shards -> byte shards, as the reference")
     d.add_argument("sp_dir", type=Path)
     d.add_argument("--tokenizer", type=Path, required=True)
-    d = dsub.add_parser("fineweb", help="download the challenge's FineWeb shards and convert them")
-    d.add_argument("--train-shards", type=int, required=True)
-    d.add_argument("--variant", choices=("sp1024", "byte260"), default="sp1024")
+    d = dsub.add_parser(
+        "fineweb", help="download the challenge's FineWeb shards and convert them",
+        description="Reads the export's manifest.json for the shard counts and the tokenizer, like the "
+                    "challenge's downloader; MATCHED_FINEWEB_REPO_ID (default willdepueoai/parameter-golf) "
+                    "and MATCHED_FINEWEB_REMOTE_ROOT_PREFIX (default datasets) pick another export.")
+    d.add_argument("--train-shards", type=int, required=True,
+                   help="how many train shards to fetch, the first N (the challenge's downloader takes 80)")
+    d.add_argument("--variant", default="sp1024", help="sp1024 (or another sp<vocab> the manifest lists) or byte260")
     for d in dsub.choices.values():
         d.add_argument("--out", type=Path, required=True)
     p.set_defaults(fn=cmd_data)

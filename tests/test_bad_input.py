@@ -76,6 +76,13 @@ def data_truncated_val_shard(tmp: Path, demo: Path) -> Case:
     return _train(data), [str(shard), "truncated", "rebuild"]
 
 
+def data_tokenized_train_shard(tmp: Path, demo: Path) -> Case:
+    # SentencePiece-1024 ids where bytes are expected: the embedding has rows for 0..255 only.
+    data = _shards(tmp / "data", train=np.arange(4096) % 1024)
+    return _train(data), [str(data / "fineweb_train_000000.bin"), "token id 1023 >= vocab_size 256",
+                          "jepatune data transpile"]
+
+
 def data_val_shorter_than_a_sequence(tmp: Path, demo: Path) -> Case:
     data = _shards(tmp / "data", val=np.arange(20))
     return _train(data), ["val split has 20 tokens", f"train_seq_len={TINY['train_seq_len']}", "use a shorter"]
@@ -221,6 +228,34 @@ def cli_train_resume_without_checkpoint(tmp: Path, demo: Path) -> Case:
     return _train(demo, "--resume"), ["checkpoint.pt", "does not exist", "run without --resume"]
 
 
+def _interrupted_run(tmp: Path, demo: Path) -> Path:
+    """OUT as a run killed after its step-4 evaluation leaves it: config.toml, metrics.jsonl, checkpoint.pt."""
+    from jepatune.atomic import atomic_write_text
+    from jepatune.trainer.config import TrainConfig
+    from jepatune.trainer.loop import train
+
+    out = tmp / "out"
+    config = TrainConfig(data_path=str(demo.resolve()), **{**TINY, "iterations": 4})
+    train(config, out_dir=out, checkpoint_dir=out, on_start=lambda: atomic_write_text(out / "config.toml",
+                                                                                     config.to_toml()))
+    for name in ("summary.json", "final_model.pt", "final_model.int8.ptz"):
+        (out / name).unlink()
+    return out
+
+
+def cli_train_resume_another_recipe(tmp: Path, demo: Path) -> Case:
+    out = _interrupted_run(tmp, demo)
+    return _train(demo, "--set", "iterations=4", "--set", "model_dim=64", "--resume"), [
+        f"cannot resume from {out / 'checkpoint.pt'}", "model_dim=32 there but 64 here", "resume with the config"]
+
+
+def cli_train_resume_not_a_checkpoint(tmp: Path, demo: Path) -> Case:
+    out = _interrupted_run(tmp, demo)
+    (out / "checkpoint.pt").write_bytes(b"step 4, or so\n")
+    return _train(demo, "--set", "iterations=4", "--resume"), [
+        str(out / "checkpoint.pt"), "not a readable torch file", "give a checkpoint.pt that jepatune wrote"]
+
+
 # --- storage and output folders ----------------------------------------------------------------
 
 def storage_malformed_uri(tmp: Path, demo: Path) -> Case:
@@ -260,6 +295,17 @@ def out_holds_a_finished_run(tmp: Path, demo: Path) -> Case:
     return _train(demo), ["already holds a finished run", "choose a new folder"]
 
 
+def out_name_too_long(tmp: Path, demo: Path) -> Case:
+    # Below a folder that does not exist yet: a check that only looked the path up would create it first.
+    long = tmp / "new" / ("n" * 300) / "run"
+    return _train(demo)[:-1] + [str(long)], [str(long), "is 300 bytes, more than the 255", "choose another folder"]
+
+
+def out_path_too_long(tmp: Path, demo: Path) -> Case:
+    long = tmp.joinpath(*["p" * 200] * 25)
+    return _train(demo)[:-1] + [str(long)], ["the path is", "more than the 4095 allowed", "choose another folder"]
+
+
 def out_unwritable(tmp: Path, demo: Path) -> Case:
     return _train(demo)[:-1] + [str(tmp / "locked" / "run")], [str(tmp / "locked"), "not a writable folder",
                                                                "choose another folder"]
@@ -290,8 +336,10 @@ def locked(tmp_path) -> Iterator[Path]:
     folder.chmod(0o700)
 
 
-def _files(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")}
+def _files(root: Path) -> dict[str, tuple]:
+    """Every path under `root` with its mtime, and a file's bytes too: nothing created, touched or changed."""
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None)
+            for p in root.rglob("*")}
 
 
 def test_the_catalogue_covers_every_kind():

@@ -71,7 +71,8 @@ def finalists_table(final: pd.DataFrame) -> pd.DataFrame:
 
 
 def _ranked(about: pd.DataFrame, recipe: str) -> bool:
-    return bool(about.loc[recipe].get("finalist", False)) if recipe in about.index else False
+    value = about.loc[recipe].get("finalist", False) if recipe in about.index else False
+    return bool(value) if pd.notna(value) else False
 
 
 def _about(about: pd.DataFrame, recipe: str, column: str):

@@ -162,7 +162,8 @@ def _scores(summary: dict[str, Any], last: dict[str, Any]) -> dict[str, Any]:
     and after the round trip. All on the trial's val prefix."""
     scores = {k: summary.get(k) for k in ("raw_bpb", "raw_q_bpb", "avg_bpb", "avg_q_bpb", "prequant_bpb")}
     return {**scores, METRIC: _finite(summary[METRIC]), "shipped_bpb": _finite(summary[METRIC]),
-            "live_bpb": _finite(last.get(METRIC)), "artifact_bytes": summary.get("artifact_bytes")}
+            # None when the trial resumed at its very end (the last evaluation ran before the restart)
+            "live_bpb": last.get(METRIC), "artifact_bytes": summary.get("artifact_bytes")}
 
 
 def out_of_memory(error: BaseException) -> str | None:

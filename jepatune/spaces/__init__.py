@@ -23,7 +23,7 @@ Named spaces
 - ``regularizer``: regularizer in {varcov, lejepa, none}; sigreg_weight in [1e-3, 1] (log);
   jepa_weight in [1e-3, 3] (log).
 - ``optimizer``: matrix_lr [0.005, 0.2], tied_embed_lr [0.005, 0.5], scalar_lr [0.005, 0.2]
-  (all log); warmdown_frac [0.05, 0.6]; muon_momentum [0.85, 0.99].
+  (all log); warmdown_frac [0.02, 0.6]; muon_momentum [0.85, 0.99].
 - ``full``: all of the above plus num_layers [4, 16], model_dim {256, 384, 512, 640, 768},
   num_heads {4, 8} (num_kv_heads = num_heads / 2), mlp_mult [1, 4]; a shape that cannot fit
   the cap even after zlib is infeasible.

@@ -8,7 +8,6 @@ read with `torch.load(weights_only=True)`, so a file from elsewhere cannot run c
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +34,31 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise ExportError(f"checkpoint {path} does not exist") from None
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
-        raise ExportError(
-            f"checkpoint {path} holds objects that safe loading refuses ({first}); load only files jepatune wrote"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ExportError(f"checkpoint {path} is not a readable torch file ({e}); was it truncated?") from None
+        raise ExportError(f"checkpoint {path} does not exist; check the path") from None
+    except OSError as e:
+        raise ExportError(f"cannot read checkpoint {path} ({e.strerror}); check the file and its permissions") from None
+    except Exception as e:  # a file that is no checkpoint can fail anywhere in the unpickler (IndexError, ...)
+        detail = _reason(e)
+        if detail.startswith("Unsupported global"):  # a real pickle, of classes that could run code
+            raise ExportError(f"checkpoint {path} holds objects that safe loading refuses ({detail}); "
+                              f"load only files jepatune wrote") from None
+        raise ExportError(f"checkpoint {path} is not a readable torch file ({detail}); it is truncated or no "
+                          f"checkpoint: give a {CHECKPOINT_NAME} that jepatune wrote") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ExportError(f"{path} is not a jepatune checkpoint (format {CHECKPOINT_FORMAT} expected)")
+        raise ExportError(f"{path} is not a jepatune checkpoint (format {CHECKPOINT_FORMAT} expected); "
+                          f"give a {CHECKPOINT_NAME} that jepatune wrote")
     return state
+
+
+def _reason(error: BaseException) -> str:
+    """The gist of a failed torch.load in one line: torch's weights-only refusals wrap the unpickler's
+    reason ("Unsupported global: ...", or an unknown opcode for a file that is no pickle) in paragraphs
+    of advice."""
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0].split(". ")[0].rstrip(".")[:300] if lines else type(error).__name__
 
 
 def rng_state() -> dict[str, Any]:

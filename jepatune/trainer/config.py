@@ -37,7 +37,8 @@ class TrainConfig:
     data_path: str = knob("data/demo", "folder of fineweb_train_*.bin / fineweb_val_*.bin byte shards")
     seed: int = knob(1337, "seed for init, data-independent randomness and LeJEPA directions")
     val_tokens: int = knob(0, "tokens of the val split used by intermediate evals (a fixed prefix); 0 = all")
-    val_batch_size: int = knob(524_288, "tokens per validation batch, across all ranks")
+    val_batch_size: int = knob(524_288, "validation tokens per step's worth of micro-batches: one forward pass "
+                                        "takes val_batch_size / grad_accum_steps per rank, as in the reference")
     val_loss_every: int = knob(1000, "evaluate (and report) every N steps; 0 = only at the end")
     eval_steps: tuple[int, ...] = knob((), "extra steps at which to evaluate and report, e.g. ASHA rungs")
     train_log_every: int = knob(200, "print the train loss every N steps; 0 = never")
@@ -46,7 +47,7 @@ class TrainConfig:
         "decayed to 0, report that branch's BPB as probe_bpb, then continue the main run untouched")
 
     # --- budget -------------------------------------------------------------------------
-    iterations: int = knob(20_000, "budget in optimiser steps; the curriculum and SWA start are fractions of it")
+    iterations: int = knob(50_000, "budget in optimiser steps; the curriculum and SWA start are fractions of it")
     max_wallclock_seconds: float = knob(
         0.0, "wall-clock budget in seconds; > 0 drives curriculum, SWA and warm-down by time, as the reference"
     )
@@ -108,6 +109,18 @@ class TrainConfig:
     # --- export ------------------------------------------------------------------------
     save_predictor: bool = knob(
         True, "keep the JEPA predictor in the artifact (the reference does; evaluation never uses it)")
+
+    # --- the reference's model.bfloat16() call, under bf16 precision only -------------------
+    # The reference casts the whole model to bf16, then its linear weights back to fp32. The cast
+    # has three side effects, each reproduced by default and each a switch (fix: false).
+    bf16_rope: bool = knob(
+        True, "RoPE's inverse frequencies and positions in bf16, as the reference's cast leaves them (at "
+              "sequence 4096 about 770 distinct positions); false = fp32 tables")
+    bf16_loss_weights: bool = knob(
+        True, "the curriculum's loss weights held in bf16 (sigreg_weight 0.05 acts as 0.050049, bridge weights "
+              "rounded); false = fp32")
+    bf16_init_round: bool = knob(
+        True, "linear weights rounded to bf16 once at init (the cast there and back); false = fp32 init")
 
     # --- runtime -----------------------------------------------------------------------
     device: str = knob("auto", "auto, cpu or cuda")
@@ -180,7 +193,9 @@ def _validate(c: TrainConfig) -> None:
     per_step = c.grad_accum_steps * c.train_seq_len
     need(c.train_batch_tokens % per_step == 0, "train_batch_tokens",
          f"must be a multiple of grad_accum_steps * train_seq_len = {per_step}")
-    need(c.val_batch_size >= c.train_seq_len, "val_batch_size", f"must hold one sequence ({c.train_seq_len})")
+    need(c.val_batch_size // c.grad_accum_steps >= c.train_seq_len, "val_batch_size",
+         f"must hold one sequence ({c.train_seq_len}) per micro-batch: at least grad_accum_steps * train_seq_len = "
+         f"{c.grad_accum_steps * c.train_seq_len}")
     need(all(s > 0 for s in c.eval_steps), "eval_steps", "must be positive step numbers")
     need(c.regularizer in REGULARIZERS, "regularizer", f"must be one of {', '.join(REGULARIZERS)}")
     need(c.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
@@ -315,7 +330,8 @@ def describe_knobs() -> str:
 
 # Named starting points; a preset is a set of overrides on the reference defaults.
 PRESETS: dict[str, dict[str, Any]] = {
-    "reference": {},
+    # The published run: the defaults, driven by the wall clock (one hour) and compiled, as the reference.
+    "reference": {"max_wallclock_seconds": 3600.0, "compile": True},
     # A CPU-sized model for the demo and quick experiments: about 0.5M parameters,
     # 4K bytes per step in one micro-batch, about 0.3 s a step on 2 cores.
     "tiny": {

@@ -25,7 +25,7 @@ import sysconfig
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -57,25 +57,30 @@ _DEMO_PIECE_BYTES = 4096
 # Changing how pieces are cut or ordered changes the bytes: bump it then.
 _DEMO_LAYOUT = 2
 
+# The challenge's FineWeb export, laid out as its downloader (data/cached_challenge_fineweb.py
+# of openai/parameter-golf) reads it: `{root}/manifest.json` lists each dataset's shard counts
+# and its tokenizer's files (paths relative to `{root}`); shards lie under
+# `{root}/datasets/<dataset>/`. The same environment variables point it at another export.
 HF_REPO_ID = "willdepueoai/parameter-golf"
-HF_ROOT = "matched_10B_docs2m_seed1337"
+HF_ROOT = "datasets"
+ENV_REPO_ID = "MATCHED_FINEWEB_REPO_ID"
+ENV_ROOT = "MATCHED_FINEWEB_REMOTE_ROOT_PREFIX"
 BYTE260_OFFSET = 4  # byte260 stores byte b as b + 4; ids 0..3 are specials (BOS = 1)
+_FINEWEB_VARIANT = re.compile(r"sp\d+|byte260")
+_ELSEWHERE = f"set {ENV_REPO_ID} / {ENV_ROOT} to an export that has it"
 
 
 @dataclass(frozen=True)
-class FinewebVariant:
-    dataset_dir: str
-    max_train_shards: int
+class FinewebExport:
+    """One dataset of the export, as its manifest lists it."""
+
+    dataset: str  # the folder under {root}/datasets/
     val_shards: int
-    tokenizer: str | None  # SentencePiece model under {HF_ROOT}/tokenizers/, None for byte260
+    train_shards: int  # how many the export holds
+    tokenizer: str | None  # the SentencePiece model's path under {root}; None for byte260
 
 
-FINEWEB_VARIANTS: dict[str, FinewebVariant] = {
-    "sp1024": FinewebVariant("fineweb10B_sp1024", 25, 1, "fineweb_1024_bpe.model"),
-    "byte260": FinewebVariant("fineweb10B_byte260", 61, 2, None),
-}
-
-Download = Callable[[str, Path], Path]
+Download = Callable[[str, str, Path], Path]  # (repo id, path in the repo, local folder) -> local file
 Converter = Callable[[Path, np.ndarray], np.ndarray]
 
 
@@ -497,32 +502,107 @@ def transpile_sentencepiece(sp_dir: str | os.PathLike, tokenizer: str | os.PathL
 # ------------------------------------------------------------------------------ FineWeb hub
 
 
-def _hub_download(relative_path: str, local_dir: Path) -> Path:
-    """Fetch one file of the challenge's dataset repo into `local_dir`/`relative_path`."""
+def _reason(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _hub_download(repo_id: str, relative_path: str, local_dir: Path) -> Path:
+    """Fetch one file of the dataset repo `repo_id` into `local_dir`/`relative_path`."""
     try:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.utils import HfHubHTTPError
+        from huggingface_hub.utils import (
+            EntryNotFoundError,
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
     except ImportError:
         raise DataError("downloading FineWeb needs huggingface_hub: pip install huggingface_hub") from None
     try:
-        return Path(hf_hub_download(repo_id=HF_REPO_ID, filename=relative_path, repo_type="dataset",
+        return Path(hf_hub_download(repo_id=repo_id, filename=relative_path, repo_type="dataset",
                                     local_dir=local_dir))
-    except (HfHubHTTPError, OSError) as e:  # offline shows up as LocalEntryNotFoundError, an OSError
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except LocalEntryNotFoundError as e:  # offline; a subclass of EntryNotFoundError, so caught first
+        raise DataError(f"could not download {relative_path} from the Hugging Face hub ({repo_id}): the hub "
+                        f"could not be reached ({_reason(e)}); check the network and retry") from None
+    except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as e:
+        raise DataError(f"the Hugging Face dataset {repo_id} has no file {relative_path} or refused it "
+                        f"({_reason(e)}); check {ENV_REPO_ID} and {ENV_ROOT}") from None
+    except (HfHubHTTPError, OSError) as e:
         raise DataError(
-            f"could not download {relative_path} from the Hugging Face hub ({HF_REPO_ID}): the hub "
-            f"could not be reached or refused the file ({reason}); check the network and retry"
+            f"could not download {relative_path} from the Hugging Face hub ({repo_id}): the hub "
+            f"could not be reached or refused the file ({_reason(e)}); check the network and retry"
         ) from None
 
 
-def _fetch(relative_path: str, cache: Path, download: Download) -> Path:
-    local = cache / relative_path
-    if local.is_file():  # reuse earlier downloads: shards are 200 MB each
+def _fetch(repo_id: str, relative_path: str, local_dir: Path, download: Download, *,
+           refresh: bool = False) -> Path:
+    local = local_dir / relative_path
+    if local.is_file() and not refresh:  # reuse earlier downloads: shards are 200 MB each
         return local
-    got = Path(download(relative_path, cache))
+    got = Path(download(repo_id, relative_path, local_dir))
     if not got.is_file():
-        raise DataError(f"download of {relative_path} produced no file at {got}")
+        raise DataError(f"download of {relative_path} from {repo_id} produced no file at {got}")
     return got
+
+
+def _remote(*parts: str) -> str:
+    """A path in the hub repo; an empty root prefix means the repo's top level."""
+    return "/".join(p.strip("/") for p in parts if p.strip("/"))
+
+
+def _read_manifest(path: Path, where: str) -> dict[str, Any]:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{where} is not readable JSON ({_reason(e)}); delete {path} to download it "
+                        f"again, or {_ELSEWHERE}") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{where} is not a manifest (a JSON object); {_ELSEWHERE}")
+    return manifest
+
+
+def _manifest_entries(manifest: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    entries = manifest.get(key)
+    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
+
+def _fineweb_export(manifest: dict[str, Any], variant: str, train_shards: int, where: str) -> FinewebExport:
+    """The variant's dataset as `manifest` lists it, checked against the request."""
+    dataset = f"fineweb10B_{variant}"
+    datasets = _manifest_entries(manifest, "datasets")
+    entry = next((e for e in datasets if e.get("name") == dataset), None)
+    if entry is None:
+        have = ", ".join(str(e.get("name", "?")).removeprefix("fineweb10B_") for e in datasets) or "none"
+        raise DataError(f"variant {variant}: {where} lists no dataset {dataset} (its variants: {have}); "
+                        f"pick one of those or {_ELSEWHERE}")
+    stats = entry.get("stats") if isinstance(entry.get("stats"), dict) else {}
+    counts = {}
+    for split in ("val", "train"):
+        try:
+            counts[split] = int(stats[f"files_{split}"])
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"{where} gives no stats.files_{split} shard count for {dataset}; {_ELSEWHERE}") from None
+    if counts["val"] < 1:
+        raise DataError(f"{where} lists no val shards for {dataset}; {_ELSEWHERE}")
+    if train_shards > counts["train"]:
+        raise DataError(f"asked for {train_shards} train shards, but {dataset} in {where} has "
+                        f"{counts['train']}; pass --train-shards 1..{counts['train']}")
+    model = None
+    if variant != "byte260":  # byte260 decodes by its fixed offset: no tokenizer file needed
+        name = entry.get("tokenizer_name")
+        tok = next((t for t in _manifest_entries(manifest, "tokenizers") if t.get("name") == name), None)
+        if tok is None:
+            raise DataError(f"{dataset} in {where} names tokenizer {name!r}, which it does not list; "
+                            f"{_ELSEWHERE}")
+        model = tok.get("model_path")
+        parts = PurePosixPath(model).parts if isinstance(model, str) else ()
+        # The path is joined onto the cache folder: nothing absolute, nothing climbing out of it.
+        if not parts or model.startswith("/") or ".." in parts or not model.endswith(".model"):
+            raise DataError(f"tokenizer {name!r} in {where} has no SentencePiece model_path inside the export "
+                            f"(got {model!r}); {_ELSEWHERE}")
+    return FinewebExport(dataset, counts["val"], counts["train"], model)
 
 
 def fetch_fineweb(
@@ -535,28 +615,51 @@ def fetch_fineweb(
 ) -> dict[str, Any]:
     """The challenge's FineWeb shards from the hub, converted to byte shards in `out`.
 
-    Downloads go to `cache_dir` (default: `out` + ".download") and are reused when present.
-    `download(relative_path, local_dir) -> Path` defaults to `huggingface_hub.hf_hub_download`.
+    The export is the Hugging Face dataset `MATCHED_FINEWEB_REPO_ID` (default
+    willdepueoai/parameter-golf) rooted at `MATCHED_FINEWEB_REMOTE_ROOT_PREFIX` (default
+    `datasets`; empty for the repo's top level), as for the challenge's own downloader. Its
+    `manifest.json` gives the shard counts and the tokenizer: all val shards and the first
+    `train_shards` train shards are fetched.
+    Downloads go to `cache_dir` (default: `out` + ".download"), one folder per repo, and are
+    reused when present. `download(repo_id, relative_path, local_dir) -> Path` defaults to
+    `huggingface_hub.hf_hub_download`.
     """
-    spec = FINEWEB_VARIANTS.get(variant)
-    if spec is None:
-        raise DataError(f"unknown FineWeb variant {variant!r}; choose one of {', '.join(FINEWEB_VARIANTS)}")
-    if not 1 <= train_shards <= spec.max_train_shards:
-        raise DataError(f"train_shards must be 1..{spec.max_train_shards} for {variant}, got {train_shards}")
+    if not _FINEWEB_VARIANT.fullmatch(variant):
+        raise DataError(f"unknown FineWeb variant {variant!r}; give sp<vocab size> (e.g. sp1024) or byte260")
+    if train_shards < 1:
+        raise DataError(f"train_shards must be >= 1, got {train_shards}")
+    repo_id = os.environ.get(ENV_REPO_ID) or HF_REPO_ID
+    root = os.environ.get(ENV_ROOT, HF_ROOT)  # set but empty: the repo's top level
     out = Path(out).absolute()
     cache = Path(cache_dir) if cache_dir is not None else out.with_name(out.name + ".download")
+    local = cache / repo_id.replace("/", "--")  # two exports never share cached files
     _check_out_free(out)  # before downloading gigabytes, not after
     download = download or _hub_download
 
-    prefix = f"{HF_ROOT}/datasets/{spec.dataset_dir}"
-    # Train shards are numbered from 0, like the challenge's own download script
-    # (cached_challenge_fineweb.py: `for i in range(train_shards)`).
-    remote = [f"{prefix}/fineweb_val_{i:06d}.bin" for i in range(spec.val_shards)]
-    remote += [f"{prefix}/fineweb_train_{i:06d}.bin" for i in range(train_shards)]
-    files = [_fetch(rel, cache, download) for rel in remote]
-    if spec.tokenizer is None:
+    manifest_path = _remote(root, "manifest.json")
+    where = f"{repo_id}:{manifest_path}"
+    cached = (local / manifest_path).is_file()
+    try:
+        export = _fineweb_export(_read_manifest(_fetch(repo_id, manifest_path, local, download), where),
+                                 variant, train_shards, where)
+    except DataError:
+        if not cached:
+            raise
+        # The cached manifest may predate the export's latest datasets: ask the hub once more.
+        fresh = _fetch(repo_id, manifest_path, local, download, refresh=True)
+        export = _fineweb_export(_read_manifest(fresh, where), variant, train_shards, where)
+
+    if export.tokenizer is None:
         convert: Converter = _byte260_to_bytes
-    else:
-        tokenizer = _fetch(f"{HF_ROOT}/tokenizers/{spec.tokenizer}", cache, download)
+    else:  # the tokenizer first: a missing sentencepiece or a bad model fails before the shards
+        tokenizer = _fetch(repo_id, _remote(root, export.tokenizer), local, download)
         convert = _sentencepiece_to_bytes(_load_sentencepiece(tokenizer), tokenizer)
-    return _convert_shards(files, out, convert) | {"variant": variant, "cache_dir": str(cache)}
+    prefix = _remote(root, "datasets", export.dataset)
+    # Train shards are numbered from 0, so N shards are the prefix of the export's shuffled order.
+    remote = [f"{prefix}/fineweb_val_{i:06d}.bin" for i in range(export.val_shards)]
+    remote += [f"{prefix}/fineweb_train_{i:06d}.bin" for i in range(train_shards)]
+    files = [_fetch(repo_id, rel, local, download) for rel in remote]
+    return _convert_shards(files, out, convert) | {
+        "variant": variant, "repo_id": repo_id, "manifest": manifest_path,
+        "train_shards_available": export.train_shards, "cache_dir": str(cache),
+    }

@@ -84,7 +84,23 @@ def find_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:
 
 def check_vocab(tokens: np.ndarray, vocab_size: int, where: str) -> None:
     if tokens.size and int(tokens.max()) >= vocab_size:
-        raise DataError(f"{where}: token id {int(tokens.max())} >= vocab_size {vocab_size}; set vocab_size to match")
+        raise DataError(f"{where}: token id {int(tokens.max())} >= vocab_size {vocab_size}; a tokenizer's shards "
+                        f"(e.g. SentencePiece) become byte shards with `jepatune data transpile`, or set vocab_size "
+                        f"to match")
+
+
+# The train split can be many GB, too long to scan before a run starts. The first 2 MB of each shard
+# suffice for the mistake this catches, another tokenizer's shards passed as bytes: a shard holds one
+# tokenizer's ids throughout, and most of a larger vocabulary lies above 255 (in SentencePiece-1024,
+# every merged piece, the frequent ones among them), so a few KB of any shard already show such an id.
+VOCAB_CHECK_TOKENS = 1 << 20
+
+
+def check_train_vocab(files: list[Path], vocab_size: int) -> None:
+    """Refuse train shards whose token ids do not fit `vocab_size`, from the first `VOCAB_CHECK_TOKENS`
+    of each shard (milliseconds per shard: a memory-mapped prefix)."""
+    for f in files:
+        check_vocab(read_shard(f)[:VOCAB_CHECK_TOKENS], vocab_size, str(f))
 
 
 @dataclass

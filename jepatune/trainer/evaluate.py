@@ -23,8 +23,8 @@ def evaluate_bpb(model: nn.Module, val_tokens: np.ndarray, seq_len: int, batch_t
                  device: torch.device, bf16: bool, rank: int = 0, world_size: int = 1) -> tuple[float, float]:
     """(mean CE in nats, BPB) of `model` on `val_tokens` (length a multiple of seq_len, + 1).
 
-    Sequences are split evenly over ranks and the sums all-reduced, so every rank
-    returns the same numbers.
+    Sequences are split evenly over ranks and the sums all-reduced, so every rank returns the
+    same numbers. `batch_tokens` is what all ranks take in one forward pass together.
     """
     total_seqs = (len(val_tokens) - 1) // seq_len
     first, last = total_seqs * rank // world_size, total_seqs * (rank + 1) // world_size

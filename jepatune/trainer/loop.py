@@ -10,6 +10,7 @@ after the int8+zlib round trip. Runs on CPU or CUDA, in one process or under
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from jepatune.atomic import atomic_path, atomic_write_text
-from jepatune.errors import ConfigError
+from jepatune.errors import ConfigError, ExportError
 from jepatune.trainer import export, schedule
 from jepatune.trainer.checkpoint import (
     CHECKPOINT_NAME,
@@ -41,13 +42,14 @@ from jepatune.trainer.config import TrainConfig
 from jepatune.trainer.data import (
     DistributedTokenLoader,
     StreamPosition,
+    check_train_vocab,
     check_vocab,
     find_shards,
     load_val_tokens,
 )
 from jepatune.trainer.evaluate import autocast, evaluate_bpb
 from jepatune.trainer.losses import lejepa_directions, lejepa_rows
-from jepatune.trainer.model import GPT, build_model, count_parameters, is_control
+from jepatune.trainer.model import GPT, apply_reference_bf16_cast, build_model, count_parameters, is_control
 from jepatune.trainer.muon import Muon, zeropower_via_newtonschulz5
 from jepatune.trainer.swa import WeightAverage
 
@@ -130,9 +132,18 @@ def build_optimizers(model: GPT, c: TrainConfig) -> tuple[list[torch.optim.Optim
     return optimizers, muon
 
 
+# The modules a training run imports (a test checks the list against a fresh interpreter's import
+# of this one): the code a submission ships beside its artifact. Data building (corpora) is not.
+RUN_MODULES = ("jepatune", "jepatune.atomic", "jepatune.errors", "jepatune.trainer", "jepatune.trainer.checkpoint",
+               "jepatune.trainer.config", "jepatune.trainer.data", "jepatune.trainer.evaluate",
+               "jepatune.trainer.export", "jepatune.trainer.loop", "jepatune.trainer.losses", "jepatune.trainer.model",
+               "jepatune.trainer.muon", "jepatune.trainer.schedule", "jepatune.trainer.swa")
+
+
 def trainer_code_bytes() -> int:
-    """Bytes of the trainer's source: what a submission ships beside the artifact."""
-    return sum(p.stat().st_size for p in Path(__file__).parent.glob("*.py"))
+    """Bytes of the source a training run needs (RUN_MODULES), counted against the size cap beside
+    the artifact, as the reference counts its train_gpt.py."""
+    return sum(Path(importlib.util.find_spec(m).origin).stat().st_size for m in RUN_MODULES)
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -154,6 +165,7 @@ class Trainer:
         self.local_accum = c.grad_accum_steps // self.rt.world_size
         self.local_tokens = c.train_batch_tokens // (self.rt.world_size * self.local_accum)
         self.train_files = find_shards(c.data_path, "train")
+        check_train_vocab(self.train_files, c.vocab_size)  # an id the embedding lacks would crash a step
         self.val_prefix = load_val_tokens(c.data_path, c.train_seq_len, c.val_tokens)
         check_vocab(self.val_prefix, c.vocab_size, f"{c.data_path} val split")
 
@@ -161,7 +173,7 @@ class Trainer:
         np.random.seed(c.seed)
         self.model = build_model(c)
         if self.rt.bf16:
-            self.model.tok_emb.to(torch.bfloat16)  # the reference's only bf16 parameter
+            apply_reference_bf16_cast(self.model, c)
         self.model.to(self.rt.device)
         self.n_params = count_parameters(self.model)
         self.optimizers, self.muon = build_optimizers(self.model, c)
@@ -170,8 +182,11 @@ class Trainer:
         self.net = DDP(net, find_unused_parameters=True) if self.rt.distributed else net
         self.loader = DistributedTokenLoader(self.train_files, self.rt.rank, self.rt.world_size)
         self.swa: WeightAverage | None = None
-        self.weights = torch.zeros(3, device=self.rt.device)  # (w_jepa, w_ce, w_reg) of the current step
+        # (w_jepa, w_ce, w_reg) of the current step; bf16 like the reference's buffers after its cast
+        weights_dtype = torch.bfloat16 if self.rt.bf16 and c.bf16_loss_weights else torch.float32
+        self.weights = torch.zeros(3, device=self.rt.device, dtype=weights_dtype)
         self.step, self.train_time = 0, 0.0
+        self.restored_from: Path | None = None
         self.time_setup = self.time_eval = self.time_ckpt = 0.0  # this process's seconds per phase
         self.probe_steps_done = 0  # optimiser steps spent in probe branches (compute, not progress)
         self.history: list[dict[str, Any]] = []
@@ -205,12 +220,15 @@ class Trainer:
         }
 
     def restore(self, path: Path) -> None:
+        if self.restored_from == path:  # train() restores before it writes anything; run() then finds it done
+            return
         s = load_checkpoint(path)
         theirs, ours = s["config"], self.c.to_dict()
         differ = sorted(k for k in ours if k not in RESUME_FREE_KNOBS and _norm(theirs.get(k)) != _norm(ours[k]))
         if differ:
             k = differ[0]
-            raise ConfigError(f"cannot resume from {path}: {k}={theirs.get(k)!r} there but {ours[k]!r} here")
+            raise ConfigError(f"cannot resume from {path}: {k}={theirs.get(k)!r} there but {ours[k]!r} here; "
+                              f"resume with the config it was trained with, or start a fresh run")
         self.model.load_state_dict(s["model"])
         for opt, st in zip(self.optimizers, s["optimizers"], strict=True):
             opt.load_state_dict(st)
@@ -222,6 +240,7 @@ class Trainer:
         self.step, self.train_time = s["step"], s["train_time"]
         self.probe_steps_done = s.get("probe_steps_done", 0)
         set_rng_state(s["rng"])
+        self.restored_from = path
 
     def emit(self, metrics: dict[str, Any]) -> None:
         self.history.append(metrics)
@@ -236,6 +255,7 @@ class Trainer:
         """One optimiser step at the schedule's loss weights and LR for the current progress, or, in
         a probe branch, at the given (weights, LR multiplier) and without touching the weight average."""
         c, rt = self.c, self.rt
+        started = time.perf_counter()
         p = schedule.progress(self.step, c.iterations, elapsed, c.max_wallclock_seconds)
         w = schedule.curriculum_weights(p, c.jepa_pure_frac, c.ce_pure_frac, c.jepa_weight, c.sigreg_weight)
         if branch is not None:
@@ -274,7 +294,11 @@ class Trainer:
             o.step()
         self.step += 1
         self.steps_since_eval += 1
-        if branch is None and c.swa_enabled and p >= c.swa_start:
+        # The reference reads its clock after the step: the average starts with the first step that
+        # ends at or past the SWA start (by steps: step s + 1 >= swa_start * iterations).
+        after = schedule.progress(self.step, c.iterations, elapsed + time.perf_counter() - started,
+                                  c.max_wallclock_seconds)
+        if branch is None and c.swa_enabled and after >= c.swa_start:
             if self.swa is None:
                 self.swa = WeightAverage(self.model, c.swa_decay, c.swa_fp32_shadow)
             else:
@@ -294,10 +318,16 @@ class Trainer:
         c = self.c
         return step in c.eval_steps or (c.val_loss_every > 0 and step % c.val_loss_every == 0)
 
+    def evaluate(self, tokens: np.ndarray) -> tuple[float, float]:
+        """(mean CE, BPB) of the current weights on `tokens`, in forward passes of the reference's
+        size: each rank takes val_batch_size / grad_accum_steps tokens at a time, as it does."""
+        c = self.c
+        return evaluate_bpb(self.net, tokens, c.train_seq_len, c.val_batch_size // self.local_accum,
+                            self.rt.device, self.rt.bf16, self.rt.rank, self.rt.world_size)
+
     def eval_metrics(self) -> dict[str, Any]:
         c = self.c
-        val_loss, val_bpb = evaluate_bpb(self.net, self.val_prefix, c.train_seq_len, c.val_batch_size,
-                                         self.rt.device, self.rt.bf16, self.rt.rank, self.rt.world_size)
+        val_loss, val_bpb = self.evaluate(self.val_prefix)
         n = max(self.steps_since_eval, 1)
         if self.rt.distributed:  # the mean over every rank's micro-batches
             dist.all_reduce(self.loss_sum)
@@ -422,14 +452,13 @@ class Trainer:
         the LR multiplier decayed linearly from its current value to zero (a cool-down), then the BPB on
         the val prefix. Everything is rolled back afterwards: the main run goes on exactly as if no
         probe had run (the data it reads included); the cost is counted in `probe_steps_done`."""
-        c, k = self.c, self.c.probe_steps
+        k = self.c.probe_steps
         saved = self.snapshot()
         lr0 = self.lr_at(self.train_time)
         ce_only = schedule.LossWeights(0.0, 1.0, 0.0)
         for i in range(k):
             self.train_step(self.train_time, branch=(ce_only, lr0 * (k - i) / k))
-        bpb = evaluate_bpb(self.net, self.val_prefix, c.train_seq_len, c.val_batch_size, self.rt.device,
-                           self.rt.bf16, self.rt.rank, self.rt.world_size)[1]
+        bpb = self.evaluate(self.val_prefix)[1]
         self.rollback(saved)
         self.probe_steps_done += k
         return bpb
@@ -445,17 +474,12 @@ class Trainer:
     def score(self, state: dict[str, torch.Tensor], tokens: torch.Tensor) -> tuple[float, float, int]:
         """(pre-quant BPB, post-quant BPB, artifact bytes) of `state` on `tokens`."""
         c = self.c
-
-        def bpb() -> float:
-            return evaluate_bpb(self.net, tokens, c.train_seq_len, c.val_batch_size, self.rt.device, self.rt.bf16,
-                                self.rt.rank, self.rt.world_size)[1]
-
         self.model.load_state_dict(state)
-        pre = bpb()
+        pre = self.evaluate(tokens)[1]
         shipped = state if c.save_predictor else export.drop_predictor(state)
         blob, _ = export.artifact_bytes(shipped)
         self.model.load_state_dict({**state, **export.decode_artifact(blob)})
-        return pre, bpb(), len(blob)
+        return pre, self.evaluate(tokens)[1], len(blob)
 
     def finish(self) -> TrainResult:
         """Score what would be shipped: the average when SWA ran (else the raw weights), after the
@@ -520,7 +544,8 @@ def train(config: TrainConfig, report: Report | None = None, *, out_dir: str | o
         summary.json go (nothing is written when None).
     checkpoint_dir: when set, a resumable checkpoint is written there at every
         evaluation point, before `report` is called (its path is in metrics["checkpoint"]).
-    resume_from: a checkpoint file or folder to continue from.
+    resume_from: a checkpoint file or folder to continue from; one that is no checkpoint, or holds
+        another recipe, is refused before anything is written.
     final_score: score the final weights (raw and averaged, before and after the int8+zlib
         round trip) on the full val split. Search trials turn it off: they score the same
         weights the same way on the val prefix their evaluations use.
@@ -529,13 +554,20 @@ def train(config: TrainConfig, report: Report | None = None, *, out_dir: str | o
     out = Path(out_dir).resolve() if out_dir is not None else None
     ckpt = Path(checkpoint_dir).resolve() if checkpoint_dir is not None else None
     run = Trainer(config, report, out, ckpt, verbose, final_score)  # checks data and config before writing
-    for folder in (out, ckpt):
-        if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
-    if on_start is not None:
-        on_start()
     try:
-        return run.run(Path(resume_from) if resume_from is not None else None)
+        resume = Path(resume_from) if resume_from is not None else None
+        if resume is not None:
+            run.restore(resume)  # a checkpoint it refuses (another recipe, not a checkpoint) leaves no file behind
+        for folder in (out, ckpt):
+            if folder is not None:
+                try:
+                    folder.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise ExportError(f"cannot create the output folder {folder} ({e.strerror or e}); "
+                                      f"choose another folder") from None
+        if on_start is not None:
+            on_start()
+        return run.run(resume)
     finally:
         if run.rt.owns_group:
             # Left to interpreter exit, gloo's threads can outlive the group and abort the process

@@ -49,7 +49,9 @@ class Rotary(nn.Module):
 
     def forward(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         if self._cache is None or self._cache[0] != seq_len or self._cache[1] != device:
-            freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), self.inv_freq.to(device))
+            # Positions in the frequencies' dtype, as the reference: fp32, or bf16 after its cast.
+            t = torch.arange(seq_len, device=device, dtype=self.inv_freq.dtype)
+            freqs = torch.outer(t, self.inv_freq.to(device))
             self._cache = (seq_len, device, freqs.cos()[None, None], freqs.sin()[None, None])  # (1, 1, T, hd/2)
         return self._cache[2].to(dtype), self._cache[3].to(dtype)
 
@@ -186,13 +188,30 @@ class GPT(nn.Module):
         else:
             jepa = losses.jepa_loss(self.predictor(h[:, :-1]), h[:, 1:])
             reg = self.regularization(h, sigreg_dirs, sigreg_rows)
-        total = weights[0] * jepa + weights[1] * ce + weights[2] * reg
+        # The reference's order of the sum (jepa, reg, then ce), so that the bridge's losses match it to the bit.
+        total = weights[0] * jepa + weights[2] * reg + weights[1] * ce
         return total, torch.stack((ce.detach(), jepa.detach(), reg.detach()))
 
 
 def build_model(config: TrainConfig) -> GPT:
     """The model on CPU in fp32, initialised from `config.seed`'s current torch RNG state."""
     return GPT(config)
+
+
+def apply_reference_bf16_cast(model: GPT, config: TrainConfig) -> None:
+    """What the reference's `model.bfloat16()` (then its linear weights back to fp32, its control
+    tensors too) leaves behind, for a bf16 run: the embedding in bf16 (its only bf16 parameter),
+    and, each behind its switch, RoPE's inverse frequencies in bf16 (`bf16_rope`: the positions
+    follow, so long sequences share positions) and every linear weight rounded to bf16 once
+    (`bf16_init_round`). The loss weights (`bf16_loss_weights`) are the trainer's."""
+    model.tok_emb.to(torch.bfloat16)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, Rotary) and config.bf16_rope:
+                m.inv_freq = m.inv_freq.to(torch.bfloat16)
+                m._cache = None
+            if isinstance(m, CastedLinear) and config.bf16_init_round:
+                m.weight.copy_(m.weight.to(torch.bfloat16).float())
 
 
 def count_parameters(model: nn.Module) -> int:

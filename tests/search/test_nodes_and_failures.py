@@ -145,13 +145,14 @@ def test_ray_train_ddp_refuses_what_the_workers_would_fail_on(tiny, tmp_path):
         retrain_ddp(tiny.replace(device="cuda"), tmp_path, num_workers=2)
 
 
-# scalar_lr=1e36 diverges within a step; device="cuda" raises ConfigError in the trial on this
-# CPU-only machine; jepa_pure_frac above the fixed ce_pure_frac is infeasible.
+# scalar_lr=1e36 diverges within a step; vocab_size=64 is a valid config, but the trainer refuses the
+# demo corpus's bytes (token ids up to 255) with a DataError on any machine; jepa_pure_frac above the
+# fixed ce_pure_frac is infeasible.
 FAILING_SPACE = """
 [params.scalar_lr]
 choices = [0.04, 1e36]
-[params.device]
-choices = ["cpu", "cuda"]
+[params.vocab_size]
+choices = [256, 64]
 [params.jepa_pure_frac]
 low = 0.0
 high = 1.0
@@ -164,7 +165,7 @@ def test_diverged_errored_and_infeasible_trials_are_recorded_and_the_sweep_goes_
                                                                                    sweep_knobs, local_ray):
     space = tmp_path / "failing.toml"
     space.write_text(FAILING_SPACE)
-    # Seed 5 draws (reference, cuda, diverging, infeasible, infeasible, fine) in the random startup;
+    # Seed 5 draws (reference, vocab_size=64, diverging, infeasible, infeasible, fine) in the random startup;
     # one rung at the full budget, so ASHA prunes nothing.
     settings = SweepSettings(data=str(demo_data), out=str(tmp_path), space=str(space), samples=6, trial_steps=8,
                              grace_steps=8, concurrency=2, overrides=sweep_knobs, seed=5, max_failures=1)
@@ -176,14 +177,14 @@ def test_diverged_errored_and_infeasible_trials_are_recorded_and_the_sweep_goes_
     for row in trials.itertuples():
         told = study[round(row.jepa_pure_frac, 12)]
         if row.status == "completed":
-            assert row.step == 8 and row.last_val_bpb < 8.0 and row.device == "cpu"
+            assert row.step == 8 and row.last_val_bpb < 8.0 and row.vocab_size == 256
             assert told.state == optuna.trial.TrialState.COMPLETE and told.value == pytest.approx(row.last_val_bpb)
         elif row.status == "diverged":
             assert row.scalar_lr == 1e36 and row.last_val_bpb == PENALTY_BPB
             assert told.state == optuna.trial.TrialState.COMPLETE and told.value == PENALTY_BPB
             assert told.constraints[FAILURE_CONSTRAINT] == 1.0  # kept out of TPE's good group
         elif row.status == "errored":
-            assert row.device == "cuda" and "cuda" in row.error and row.restarts == settings.max_failures
+            assert row.vocab_size == 64 and "vocab_size 64" in row.error and row.restarts == settings.max_failures
             assert told.state == optuna.trial.TrialState.FAIL
         else:  # infeasible: reported at step 0 with the reason, never trained
             assert row.step == 0 and row.jepa_pure_frac > 0.5 and "ce_pure_frac" in row.error

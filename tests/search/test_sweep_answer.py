@@ -19,6 +19,7 @@ from jepatune.spaces import FAILURE_CONSTRAINT
 from jepatune.trainer.loop import train
 
 State = optuna.trial.TrialState
+SPLIT_SEED = 0  # draws completed, pruned and diverged trials from DIVERGING_SPACE (one at a time: always)
 SWA_SPACE = """
 [params.swa_start_frac]
 choices = [0.3, 0.7]
@@ -199,3 +200,34 @@ def test_a_machine_out_of_memory_is_retried_and_a_resumed_errored_trial_is_told(
     assert [t.state for t in study] == [State.FAIL, State.COMPLETE, State.COMPLETE]  # told once, as a new trial
     assert study[2].params == study[0].params and study[2].user_attrs["jepatune:rerun_of"] == 0
     assert study[2].value == pytest.approx(trials.iloc[0]["last_val_bpb"])
+
+
+DIVERGING_SPACE = """
+[params.scalar_lr]
+choices = [0.04, 1e36]
+[params.jepa_pure_frac]
+low = 0.0
+high = 0.5
+"""
+
+
+def test_after_a_real_sweep_tpe_sees_diverged_trials_below_every_pruned_one(tmp_path, demo_data, sweep_knobs,
+                                                                            local_ray):
+    space = tmp_path / "diverging.toml"
+    space.write_text(DIVERGING_SPACE)
+    settings = SweepSettings(data=str(demo_data), out=str(tmp_path), space=str(space), samples=8, trial_steps=16,
+                             grace_steps=4, concurrency=1, overrides=sweep_knobs, seed=SPLIT_SEED, audit_frac=0.0)
+    run_sweep(settings)
+    trials = load_tables(settings.folder)["trials"]
+    assert {"completed", "pruned", "diverged"} <= set(trials["status"]), trials
+    study = load_study(settings.folder)
+    frozen = study.get_trials(deepcopy=False)
+    diverged = {t.number for t in frozen if t.constraints.get(FAILURE_CONSTRAINT, 0) > 0}
+    pruned = [t for t in frozen if t.state == State.PRUNED]
+    completed = [t for t in frozen if t.state == State.COMPLETE and t.number not in diverged]
+    assert len(diverged) == (trials["status"] == "diverged").sum()
+    # room in the good group for every completed trial and one more: a pruned one takes it, not a penalty
+    below, above = _split_trials(study, frozen, n_below=len(completed) + 1)
+    below = {t.number for t in below}
+    assert {t.number for t in completed} < below and diverged <= {t.number for t in above}
+    assert len(below & {t.number for t in pruned}) == 1

@@ -1,9 +1,8 @@
-"""Byte corpora builders: demo (stdlib), text files, SentencePiece transpile, FineWeb fetch."""
+"""Byte corpora builders: demo (stdlib), text files, SentencePiece transpile (FineWeb fetch: test_fineweb.py)."""
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,13 +10,10 @@ import pytest
 
 from jepatune.errors import DataError
 from jepatune.trainer.corpora import (
-    FINEWEB_VARIANTS,
-    HF_ROOT,
     SEPARATOR,
     _demo_cuts,
     build_demo,
     build_from_text,
-    fetch_fineweb,
     transpile_sentencepiece,
 )
 from jepatune.trainer.data import find_shards, read_shard, write_shard
@@ -347,95 +343,3 @@ def test_transpile_errors(tmp_path: Path, tokenizer: Path) -> None:
     with pytest.raises(DataError, match="not a SentencePiece model"):
         transpile_sentencepiece(sp_dir, tmp_path / "junk.model", tmp_path / "o4")
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5)) and no_leftovers(tmp_path)
-
-
-# -------------------------------------------------------------------------------- fineweb
-
-
-class FakeHub:
-    """Stand-in for the hub download: copies from a local folder laid out like the remote."""
-
-    def __init__(self, root: Path):
-        self.root, self.calls = root, []
-
-    def __call__(self, relative_path: str, local_dir: Path) -> Path:
-        self.calls.append(relative_path)
-        dst = Path(local_dir) / relative_path
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.root / relative_path, dst)
-        return dst
-
-
-def byte260(*docs: bytes) -> np.ndarray:
-    ids = []
-    for d in docs:
-        ids += [1] + [b + 4 for b in d]  # BOS, then each byte shifted past the 4 specials
-    return np.array(ids, dtype=np.uint16)
-
-
-def test_fetch_byte260_unshifts_bytes_and_reuses_the_cache(tmp_path: Path) -> None:
-    hub = FakeHub(tmp_path / "hub")
-    data = hub.root / HF_ROOT / "datasets" / "fineweb10B_byte260"
-    docs = {
-        "fineweb_val_000000.bin": [b"val one \xff\x00", "ünï".encode()],
-        "fineweb_val_000001.bin": [b"val two"],
-        "fineweb_train_000000.bin": [b"train A", b"train B"],
-        "fineweb_train_000001.bin": [bytes(range(256))],
-        "fineweb_train_000002.bin": [b"never asked for"],
-    }
-    for name, d in docs.items():
-        write_shard(data / name, byte260(*d))
-    s = fetch_fineweb(tmp_path / "out", train_shards=2, variant="byte260", download=hub)
-    assert sorted(hub.calls) == sorted(
-        f"{HF_ROOT}/datasets/fineweb10B_byte260/{n}" for n in list(docs)[:4]
-    )
-    for name, d in list(docs.items())[:4]:
-        assert read_shard(tmp_path / "out" / name).tolist() == list(b"".join(d))
-    assert not (tmp_path / "out" / "fineweb_train_000002.bin").exists()
-    val_bytes = sum(len(b"".join(docs[f"fineweb_val_00000{i}.bin"])) for i in range(2))
-    assert (s["files"], s["val_bytes"]) == (4, val_bytes)
-    assert (tmp_path / "out.download" / HF_ROOT).is_dir()
-
-    fetch_fineweb(tmp_path / "out2", train_shards=2, variant="byte260", download=hub,
-                  cache_dir=tmp_path / "out.download")
-    assert len(hub.calls) == 4  # everything came from the cache
-
-    write_shard(data / "fineweb_train_000002.bin", np.array([1, 300], dtype=np.uint16))
-    with pytest.raises(DataError, match="fineweb_train_000002.bin: token id 300 > 259"):
-        fetch_fineweb(tmp_path / "out3", train_shards=3, variant="byte260", download=hub,
-                      cache_dir=tmp_path / "out.download")
-    assert not (tmp_path / "out3").exists()
-
-
-def test_fetch_sp1024_decodes_with_the_downloaded_tokenizer(tmp_path: Path, tokenizer: Path) -> None:
-    hub = FakeHub(tmp_path / "hub")
-    (hub.root / HF_ROOT / "tokenizers").mkdir(parents=True)
-    shutil.copyfile(tokenizer, hub.root / HF_ROOT / "tokenizers" / "fineweb_1024_bpe.model")
-    texts = {"fineweb_val_000000.bin": "A val document, café.", "fineweb_train_000000.bin": SAMPLE}
-    for name, text in texts.items():
-        write_shard(hub.root / HF_ROOT / "datasets" / "fineweb10B_sp1024" / name, sp_encode(tokenizer, text))
-    s = fetch_fineweb(tmp_path / "out", train_shards=1, download=hub)
-    for name, text in texts.items():
-        assert read_shard(tmp_path / "out" / name).astype(np.uint8).tobytes() == text.encode()
-    assert s["train_bytes"] == len(SAMPLE.encode()) and s["variant"] == "sp1024"
-    assert f"{HF_ROOT}/tokenizers/fineweb_1024_bpe.model" in hub.calls and len(hub.calls) == 3
-    fetch_fineweb(tmp_path / "again", train_shards=1, download=hub, cache_dir=tmp_path / "out.download")
-    assert len(hub.calls) == 3
-
-
-@pytest.mark.parametrize(("variant", "n"), [("sp1024", 0), ("sp1024", 26), ("byte260", 62), ("sp4096", 1)])
-def test_fetch_rejects_bad_requests_before_downloading(tmp_path: Path, variant: str, n: int) -> None:
-    hub = FakeHub(tmp_path / "hub")
-    with pytest.raises(DataError):
-        fetch_fineweb(tmp_path / "out", train_shards=n, variant=variant, download=hub)
-    assert hub.calls == [] and not (tmp_path / "out").exists()
-
-
-def test_fetch_refuses_a_full_output_folder_before_downloading(tmp_path: Path) -> None:
-    hub = FakeHub(tmp_path / "hub")
-    (tmp_path / "out").mkdir()
-    write_shard(tmp_path / "out" / "fineweb_val_000000.bin", np.zeros(3, np.uint16))
-    with pytest.raises(DataError, match="pick an empty folder"):
-        fetch_fineweb(tmp_path / "out", train_shards=1, download=hub)
-    assert hub.calls == []
-    assert FINEWEB_VARIANTS["sp1024"].max_train_shards == 25 and FINEWEB_VARIANTS["byte260"].val_shards == 2

@@ -13,6 +13,7 @@ from jepatune.trainer.data import (
     DistributedTokenLoader,
     StreamPosition,
     TokenStream,
+    check_train_vocab,
     check_vocab,
     find_shards,
     load_val_tokens,
@@ -286,3 +287,17 @@ def test_check_vocab(tmp_path):
     with pytest.raises(DataError, match="token id 256 >= vocab_size 256") as e:
         check_vocab(np.array([3, 256, 9], dtype=np.uint16), 256, "somewhere/val split")
     assert "somewhere/val split" in str(e.value)
+
+
+def test_check_train_vocab_reads_every_shard_s_prefix(tmp_path, monkeypatch):
+    good = shard(tmp_path, "train", 0, np.arange(300) % 256)
+    tokenized = shard(tmp_path, "train", 1, np.arange(300) % 1024)  # SentencePiece-1024 ids, not bytes
+    check_train_vocab([good], 256)
+    check_train_vocab([good, tokenized], 1024)
+    with pytest.raises(DataError, match="token id 299 >= vocab_size 256") as e:
+        check_train_vocab([good, tokenized], 256)
+    assert str(tokenized) in str(e.value) and "jepatune data transpile" in str(e.value)
+    # Only a prefix of each shard is read (a full scan of a FineWeb split would take minutes): an id past
+    # it is not seen, which a wrong tokenizer's shard, tokenized throughout, never relies on.
+    monkeypatch.setattr("jepatune.trainer.data.VOCAB_CHECK_TOKENS", 256)
+    check_train_vocab([good, tokenized], 256)
