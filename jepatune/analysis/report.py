@@ -323,8 +323,10 @@ def _conclusion(r: _Report, folder: Path, tables: explore.Tables, settings: dict
                f"- Next: `jepatune ablate --sweep {folder} --preset jepa-vs-ce --seeds 5` measures what the "
                "winner's curriculum is worth, one change at a time."]
     if pd.notna(curse):
-        bullets.append(f"- Winner's curse: the finalists' retrain means drifted {curse:+.4f} BPB from their trial "
-                       "scores beyond the reference's own drift (positive: the trial scores flattered them).")
+        spread = table["std"].dropna()
+        scale = f"; the seeds' own spread is {spread.min():.3f}-{spread.max():.3f} BPB" if len(spread) else ""
+        bullets.append(f"- Winner's curse: the finalists' retrain means moved {curse:+.4f} BPB further from their "
+                       f"trial scores than the reference's did (positive: their trial scores flattered them{scale}).")
     if pd.notna(rho):
         bullets.append(f"- Trial budget to final budget: Spearman {rho:+.2f} between trial scores and retrain "
                        f"means over {k} recipes" + (" (too few to say much)." if k < 6 else "."))
