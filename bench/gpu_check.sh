@@ -3,14 +3,17 @@
 #
 # 1. builds the demo byte corpus in a temp folder;
 # 2. times Trainer.train_step at the reference shape (9x512, seq 4096, 524,288 tokens a step in
-#    8 micro-batches), eager and compiled, curriculum stages 1 (JEPA + varcov) and 3 (CE only);
+#    8 micro-batches), eager and compiled, curriculum stages 1 (JEPA + varcov), 2 (bridge) and 3
+#    (CE + SWA), beside the ByteJEPA reference script's own step at the same shape;
 # 3. trains 200 steps at the reference shape with `jepatune train` and prints val_bpb.
 # An estimated 5-8 minutes on one H100 (not yet run on one).
 # Needs python3 with torch and numpy only (no pip install).
 #
 # Environment:
 #   GPU_CHECK_DRY=1     the same steps on CPU with the tiny preset: a check of this script
-#   PG_REFERENCE=PATH   the Parameter Golf baseline train_gpt.py: also time its CE-only step
+#   REFERENCE=PATH      the reference train_gpt.py timed beside ours (default: the ByteJEPA seed at
+#                       ../shared/reference/seed/train_gpt.py when it is there; the Parameter Golf
+#                       baseline works too, stage 3 only); REFERENCE=none skips it
 #   GPU_CHECK_MODES     throughput modes (default eager,compiled; eager when dry)
 #   GPU_CHECK_ITERS     steps of the training run (default 200; 20 when dry)
 #   GPU_CHECK_KEEP=1    keep the work folder (corpus, throughput JSON, training outputs)
@@ -70,15 +73,17 @@ fi
 section "demo corpus"
 "$PY" -m jepatune data demo --out "$WORK/data" ${DEMO[@]+"${DEMO[@]}"}
 
-section "throughput: preset $PRESET, modes $MODES, stages 1 and 3"
+section "throughput: preset $PRESET, modes $MODES, stages 1, 2 and 3"
 REF=()
-if [[ -n ${PG_REFERENCE:-} ]]; then
-  REF=(--reference "$PG_REFERENCE")
+REFERENCE=${REFERENCE:-${PG_REFERENCE:-../shared/reference/seed/train_gpt.py}}
+if [[ $REFERENCE != none && -f $REFERENCE ]]; then
+  REF=(--reference "$REFERENCE")
+  echo "reference: $REFERENCE"
 fi
 # A failure here is reported and the training check still runs.
 T0=$SECONDS
 "$PY" bench/trainer_throughput.py --preset "$PRESET" "${SHAPE[@]}" --set val_tokens="$VAL_TOKENS" \
-  --data "$WORK/data" --modes "$MODES" --stages 1,3 "${BENCH_STEPS[@]}" ${REF[@]+"${REF[@]}"} \
+  --data "$WORK/data" --modes "$MODES" --stages 1,2,3 "${BENCH_STEPS[@]}" ${REF[@]+"${REF[@]}"} \
   --json "$WORK/throughput.json" || echo "throughput: exit status $? (see the rows above)"
 echo "throughput took $((SECONDS - T0)) s"
 if [[ -f $WORK/throughput.json ]]; then
@@ -93,7 +98,8 @@ for r in d["rows"]:
         print(f"{what}: {r['tokens_per_s']:>10,} tokens/s  {r['ms_per_step']:>9,.1f} ms/step  "
               f"peak {r['peak_mem_mib']:>9,.1f} MiB")
 for r in d["ratios"]:
-    print(f"ours/reference stage 3 {r['mode']}: {r['ratio']:.3f}")
+    print(f"ours/reference ms per step, stage {r['stage']} {r['mode']}: {r['ratio']:.3f} "
+          f"(ours at {1 / r['ratio']:.2f}x the reference's tokens/s)")
 EOF
 fi
 

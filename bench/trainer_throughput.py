@@ -3,17 +3,20 @@
 One row per (mode, curriculum stage): stage 1 = JEPA + regulariser (no CE), 2 = bridge,
 3 = CE only. The stage is chosen by setting `trainer.step` (and the elapsed time, under a
 wall clock) to a point of the budget inside that stage before every step. With
-`--reference train_gpt.py` (the Parameter Golf baseline) the baseline's GPT, Muon and
-CE-only step are timed on the same batches in the same process, and the ratio
-ours / reference is printed for stage 3, the only stage the baseline has.
+`--reference train_gpt.py` another script's GPT, Muon and training step are timed on the same
+batches in the same process, and the ratio ours / reference is printed per stage: the ByteJEPA
+reference (`../shared/reference/seed/train_gpt.py`: every stage, its loss weights set through its
+`set_phase` and its weight average updated in stage 3, as its main loop does) or the Parameter
+Golf baseline (CE only: stage 3).
 
     python bench/trainer_throughput.py            # tiny preset, eager + compiled, stages 1 and 3
-    python bench/trainer_throughput.py --modes eager --reference /tmp/pg_ref/train_gpt.py --json out.json
+    python bench/trainer_throughput.py --stages 1,2,3 --reference ../shared/reference/seed/train_gpt.py
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import importlib.util
 import json
@@ -156,11 +159,11 @@ def bench_ours(c: TrainConfig, mode: str, stages: list[int], args: argparse.Name
     return rows
 
 
-# --- the Parameter Golf baseline ----------------------------------------------------------------
+# --- the reference script (ByteJEPA's, or the Parameter Golf baseline) ----------------------------
 
 def load_reference(path: Path) -> ModuleType:
-    """Import the baseline's train_gpt.py as a module (afresh each time: compiled mode patches a global)."""
-    spec = importlib.util.spec_from_file_location("pg_baseline_train_gpt", path)
+    """Import a reference train_gpt.py as a module (afresh each time: compiled mode patches a global)."""
+    spec = importlib.util.spec_from_file_location("reference_train_gpt", path)
     if spec is None or spec.loader is None:
         raise SystemExit(f"--reference {path}: not a Python file")
     module = importlib.util.module_from_spec(spec)
@@ -168,8 +171,15 @@ def load_reference(path: Path) -> ModuleType:
     return module
 
 
-def reference_step(ref: ModuleType, c: TrainConfig, compiled: bool) -> tuple[Callable[[], None], torch.nn.Module]:
-    """The baseline's CE-only step at our config's shape, precision, optimiser split and micro-batching."""
+def is_jepa(ref: ModuleType) -> bool:
+    """The ByteJEPA script (a predictor, loss weights set per step); the baseline is CE only."""
+    return hasattr(ref.GPT, "set_phase")
+
+
+def reference_step(ref: ModuleType, c: TrainConfig, compiled: bool,
+                   stage: int = 3) -> tuple[Callable[[], None], torch.nn.Module]:
+    """The script's training step in `stage` at our config's shape, precision, optimiser split and
+    micro-batching: its loss weights for a point inside the stage, its average updated in stage 3."""
     rt = setup_runtime(c)  # our device and precision rules
     device, bf16 = rt.device, rt.bf16
     torch.manual_seed(c.seed)
@@ -184,14 +194,24 @@ def reference_step(ref: ModuleType, c: TrainConfig, compiled: bool) -> tuple[Cal
             if isinstance(m, ref.CastedLinear):
                 m.float()
         ref.restore_low_dim_params_to_fp32(model)
+    jepa = is_jepa(ref)
+    if jepa:
+        step, elapsed = stage_point(c, stage)
+        w = schedule.curriculum_weights(schedule.progress(step, c.iterations, elapsed, c.max_wallclock_seconds),
+                                        c.jepa_pure_frac, c.ce_pure_frac, c.jepa_weight, c.sigreg_weight)
+        model.set_phase(w.jepa > 0, w.jepa, w.ce, w.reg)
+    elif stage != 3:
+        raise ValueError(f"stage {stage}: this reference is CE only (stage 3)")
     net = model
-    if compiled:  # as its main()
+    if compiled:  # as its main(); the ByteJEPA forward reads a flag on the host, so not one full graph
         ref.zeropower_via_newtonschulz5 = torch.compile(ref.zeropower_via_newtonschulz5)
-        net = torch.compile(model, dynamic=False, fullgraph=True)
+        net = torch.compile(model, dynamic=False, fullgraph=not jepa)
 
     named = list(model.blocks.named_parameters())
     control = ref.CONTROL_TENSOR_NAME_PATTERNS
     matrices = [p for n, p in named if p.ndim == 2 and not any(k in n for k in control)]
+    if jepa:
+        matrices += [p for p in model.predictor.parameters() if p.ndim == 2]
     scalars = [p for n, p in named if p.ndim < 2 or any(k in n for k in control)] + [model.skip_weights]
     fused = {"fused": True} if device.type == "cuda" else {}  # the rule of our build_optimizers
 
@@ -209,6 +229,7 @@ def reference_step(ref: ModuleType, c: TrainConfig, compiled: bool) -> tuple[Cal
     accum = c.grad_accum_steps  # one process: every micro-batch is local, as in our trainer
     local_tokens = c.train_batch_tokens // accum
     loader = DistributedTokenLoader(find_shards(c.data_path, "train"))  # the same byte stream as ours
+    average = copy.deepcopy(model.state_dict()) if jepa and stage == 3 and c.swa_enabled else None
 
     def one_step() -> None:  # its training loop body, less logging
         for o in optimizers:
@@ -225,6 +246,11 @@ def reference_step(ref: ModuleType, c: TrainConfig, compiled: bool) -> tuple[Cal
                 g["lr"] = g["base_lr"]
         for o in optimizers:
             o.step()
+        if average is not None:  # its main loop's EMA, over the whole state dict
+            current = model.state_dict()
+            for k, v in average.items():
+                if v.is_floating_point():
+                    v.mul_(c.swa_decay).add_(current[k], alpha=1.0 - c.swa_decay)
 
     return one_step, model
 
@@ -243,16 +269,19 @@ def loss_gap(ref_model: torch.nn.Module, c: TrainConfig) -> float:
         return abs(ours(x, y).item() - ref_model(x, y).item())
 
 
-def bench_reference(path: Path, c: TrainConfig, mode: str, args: argparse.Namespace) -> Row:
+def bench_reference(path: Path, c: TrainConfig, mode: str, stage: int, args: argparse.Namespace) -> Row:
     device, params = setup_runtime(c).device, 0
     try:
-        step_fn, model = reference_step(load_reference(path), c, mode == "compiled")
+        ref = load_reference(path)
+        step_fn, model = reference_step(ref, c, mode == "compiled", stage)
         params = sum(p.numel() for p in model.parameters())
-        r = make_row("reference", mode, 3, device, c, params, *measure(step_fn, device, args.warmup, args.steps))
-        if mode == "eager":  # the two models must compute the same loss, or the timing compares different work
+        r = make_row("reference", mode, stage, device, c, params, *measure(step_fn, device, args.warmup, args.steps))
+        if mode == "eager" and stage == 3:  # the same loss, or the timing compares different work
+            if is_jepa(ref):
+                model.set_phase(False, 0.0, 1.0, 0.0)  # its evaluation path: plain CE
             r["loss_gap"] = loss_gap(model, c)
     except Exception as e:
-        r = make_row("reference", mode, 3, device, c, params, error=short_error(e))
+        r = make_row("reference", mode, stage, device, c, params, error=short_error(e))
     print_row(r)
     if "loss_gap" in r:
         print(f"check: |CE ours - CE reference| with the reference's weights = {r['loss_gap']:.2e}", flush=True)
@@ -271,7 +300,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per row before timing (default 3)")
     p.add_argument("--modes", default="eager,compiled", help="comma list of eager, compiled")
     p.add_argument("--stages", default="1,3", help="comma list of curriculum stages 1, 2, 3")
-    p.add_argument("--reference", type=Path, help="the Parameter Golf baseline train_gpt.py to compare with")
+    p.add_argument("--reference", type=Path, help="a reference train_gpt.py to compare with (ByteJEPA's: every "
+                   "stage; the Parameter Golf baseline: stage 3)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", type=Path, help="write the rows and ratios here")
     args = p.parse_args(argv)
@@ -306,18 +336,22 @@ def run(args: argparse.Namespace, data: Path) -> tuple[list[Row], list[dict[str,
         rows += ours
         if args.reference is None:
             continue
-        ref = bench_reference(args.reference, c, mode, args)
-        free_memory()
-        rows.append(ref)
-        mine = next((r for r in ours if r["stage"] == 3 and r["ms_per_step"]), None)
-        if mine and ref["ms_per_step"]:
-            ratios.append({"mode": mode, "ours_ms": mine["ms_per_step"], "reference_ms": ref["ms_per_step"],
-                           "ratio": round(mine["ms_per_step"] / ref["ms_per_step"], 3)})
+        stages = args.stages if is_jepa(load_reference(args.reference)) else [3]
+        for stage in stages:
+            ref = bench_reference(args.reference, c, mode, stage, args)
+            free_memory()
+            rows.append(ref)
+            mine = next((r for r in ours if r["stage"] == stage and r["ms_per_step"]), None)
+            if mine and ref["ms_per_step"]:
+                ratios.append({"mode": mode, "stage": stage, "ours_ms": mine["ms_per_step"],
+                               "reference_ms": ref["ms_per_step"],
+                               "ratio": round(mine["ms_per_step"] / ref["ms_per_step"], 3)})
     for r in ratios:
-        print(f"ratio ours/reference ms per step, stage 3 (CE only), {r['mode']}: {r['ratio']:.3f} "
-              f"({r['ours_ms']:,.1f} vs {r['reference_ms']:,.1f} ms)")
+        print(f"ratio ours/reference ms per step, stage {r['stage']}, {r['mode']}: {r['ratio']:.3f} "
+              f"({r['ours_ms']:,.1f} vs {r['reference_ms']:,.1f} ms: ours at {r['reference_ms'] / r['ours_ms']:.2f}x "
+              f"the reference's tokens/s)")
     if args.reference is not None and not ratios:
-        print("no ratio: it needs stage 3 in --stages and both stage-3 rows to succeed")
+        print("no ratio: it needs a stage both can run in --stages, and both rows to succeed")
     return rows, ratios
 
 
