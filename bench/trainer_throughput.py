@@ -213,7 +213,7 @@ def reference_step(ref: ModuleType, c: TrainConfig, compiled: bool,
     if jepa:
         matrices += [p for p in model.predictor.parameters() if p.ndim == 2]
     scalars = [p for n, p in named if p.ndim < 2 or any(k in n for k in control)] + [model.skip_weights]
-    fused = {"fused": True} if device.type == "cuda" else {}  # the rule of our build_optimizers
+    fused = {"fused": True}  # as the reference and our build_optimizers
 
     def adam(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Adam:
         return torch.optim.Adam([{"params": params, "lr": lr, "base_lr": lr}], betas=(c.beta1, c.beta2),
