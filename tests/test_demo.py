@@ -27,7 +27,8 @@ def test_the_demo_ends_with_its_answer_in_words(tmp_path, capsys, local_ray):
     # The last line is the answer, in words, and it is the report's first statement too.
     sentence = conclusion(finalists)
     assert printed[-1] == sentence
-    assert re.search(r"(Use finalist-\d|Keep the reference)", sentence) and "95% CI" in sentence
+    best = r"finalist-\d \(trial \w+, best.toml\) has the best retrain mean"
+    assert re.match(rf"(Use finalist-\d|{best}|Keep the reference)", sentence) and "95% CI" in sentence
     assert ("not significant" in sentence) != ("significant: the interval excludes 0" in sentence)
     report = (folder / "report.md").read_text()
     assert sentence in "\n".join(report.splitlines()[:8])

@@ -115,11 +115,13 @@ def conclusion(table: pd.DataFrame) -> str:
         return (f"Keep the reference recipe: no finalist beat it when retrained with {int(best['n'])} seeds (the "
                 f"best, {best['recipe']}, is {best['delta_ref']:+.4f} BPB against it, 95% CI [{low:+.4f}, "
                 f"{high:+.4f}]), {_verdict(low, high, int(best['n']))}.")
-    head = (f"Use {win['recipe']} (trial {win['trial_id']}, best.toml): retrained with {n} seeds it scores "
-            f"{win['mean']:.4f} BPB")
+    low, high = win["ref_ci_low"], win["ref_ci_high"]
+    # "Use" only when the gain is resolved; otherwise the best retrain is named, not recommended.
+    verb = ("Use {} (trial {}, best.toml): retrained" if significant(low, high) else
+            "{} (trial {}, best.toml) has the best retrain mean: retrained")
+    head = verb.format(win["recipe"], win["trial_id"]) + f" with {n} seeds it scores {win['mean']:.4f} BPB"
     if ref.empty or pd.isna(win["delta_ref"]):
         return head + "; the reference has no retrain at this budget to compare with."
-    low, high = win["ref_ci_low"], win["ref_ci_high"]
     head += f" against the reference's {ref.iloc[0]['mean']:.4f}, a difference of {win['delta_ref']:+.4f} BPB"
     return head + f" (95% CI [{low:+.4f}, {high:+.4f}]), {_verdict(low, high, n)}."
 
