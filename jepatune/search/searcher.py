@@ -76,7 +76,7 @@ class RungAwareOptunaSearch(OptunaSearch):
             self._tell_rerun(trial_id, ot_trial, result, error)
             return
         state, value = self._outcome(trial_id, result, error)
-        if state == optuna.trial.TrialState.COMPLETE and result.get("status") in PENALIZED:
+        if _penalized(state, result):
             ot_trial.set_constraint(FAILURE_CONSTRAINT, 1.0)
         try:
             self._ot_study.tell(ot_trial, value, state=state)
@@ -108,7 +108,7 @@ class RungAwareOptunaSearch(OptunaSearch):
         attrs = {"jepatune:rerun_of": frozen.number, "jepatune:ray_trial_id": trial_id}
         rerun = optuna.trial.create_trial(params=frozen.params, distributions=frozen.distributions, value=value,
                                           state=state, intermediate_values=intermediate, user_attrs=attrs)
-        if state == optuna.trial.TrialState.COMPLETE and result.get("status") in PENALIZED:
+        if _penalized(state, result):
             rerun.set_constraint(FAILURE_CONSTRAINT, 1.0)
         self._ot_study.add_trial(rerun)
         self._retold.add(trial_id)
@@ -116,6 +116,12 @@ class RungAwareOptunaSearch(OptunaSearch):
     @property
     def study(self) -> optuna.Study:
         return self._ot_study
+
+
+def _penalized(state: optuna.trial.TrialState, result: dict | None) -> bool:
+    """A final penalty (diverged, or refused before training), not a measured BPB: told with a failed
+    constraint, which TPE ranks after every completed and pruned trial."""
+    return state == optuna.trial.TrialState.COMPLETE and bool(result) and result.get("status") in PENALIZED
 
 
 class RecordingASHA(ASHAScheduler):
