@@ -375,6 +375,14 @@ def pair_by_seed(runs: pd.DataFrame, reference: pd.DataFrame,
     return out
 
 
+def newest_budget(final: pd.DataFrame) -> pd.DataFrame:
+    """The runs at the newest retrain's budget (its last row's `steps`): an older retrain at another
+    budget answers another question."""
+    if final.empty or "steps" not in final or final["steps"].nunique() <= 1:
+        return final
+    return final[final["steps"].eq(final["steps"].iloc[-1]).fillna(False).astype(bool).to_numpy()]
+
+
 def compare_final(final: pd.DataFrame, reference: str = "reference") -> pd.DataFrame:
     """The final retrain per recipe, each against `reference`, paired by seed.
 
@@ -396,8 +404,7 @@ def compare_final(final: pd.DataFrame, reference: str = "reference") -> pd.DataF
     Columns: recipe, mean, std, count, delta (NaN for the reference itself, or with no reference),
     ci_low, ci_high, paired, n_paired (<NA> for the reference itself), missing."""
     columns = ["recipe", "mean", "std", "count", "delta", "ci_low", "ci_high", "paired", "n_paired", "missing"]
-    if "steps" in final and final["steps"].nunique() > 1:
-        final = final[final["steps"].eq(final["steps"].iloc[-1]).fillna(False).astype(bool).to_numpy()]
+    final = newest_budget(final)
     labels = {str(r): _newest_config(g) for r, g in final.groupby("recipe")}
     ref = labels.get(reference)
     rows = []

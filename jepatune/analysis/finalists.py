@@ -15,17 +15,9 @@ import math
 import pandas as pd
 
 from jepatune.analysis import schema
-from jepatune.analysis.explore import compare_final, spearman
+from jepatune.analysis.explore import compare_final, newest_budget, spearman
 
 REFERENCE = "reference"
-
-
-def newest_budget(final: pd.DataFrame) -> pd.DataFrame:
-    """The runs at the newest retrain's budget (its last row's `steps`): an older retrain at another
-    budget answers another question."""
-    if final.empty or "steps" not in final or final["steps"].nunique() <= 1:
-        return final
-    return final[final["steps"].eq(final["steps"].iloc[-1]).fillna(False).astype(bool).to_numpy()]
 
 
 def finalists_table(final: pd.DataFrame) -> pd.DataFrame:

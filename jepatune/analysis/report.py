@@ -360,11 +360,10 @@ def _finalists(r: _Report, tables: explore.Tables, folder: Path) -> None:
 
 def retrain_curves(folder: Path, final: pd.DataFrame) -> pd.DataFrame:
     """(recipe, seed, step, val_bpb) of each run of the newest retrain, from its metrics.jsonl."""
-    from jepatune.analysis.finalists import newest_budget
     from jepatune.analysis.tables import FINAL_RUNS, read_jsonl
 
     rows, runs = [], folder / Path(FINAL_RUNS).parent
-    for run in newest_budget(final).drop_duplicates(["recipe", "seed"], keep="last").itertuples():
+    for run in explore.newest_budget(final).drop_duplicates(["recipe", "seed"], keep="last").itertuples():
         for m in read_jsonl(runs / f"{run.recipe}-seed{run.seed}" / "metrics.jsonl"):
             if not m.get("final") and m.get("val_bpb") is not None:
                 rows.append({"recipe": run.recipe, "seed": run.seed, "step": m["step"], "val_bpb": m["val_bpb"]})
