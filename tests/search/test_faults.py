@@ -225,7 +225,15 @@ def test_a_sweep_killed_mid_way_resumes_without_losing_or_repeating_trials(tmp_p
     # ASHA's books across the kill: the resumed scheduler held every value decided before it, so each
     # decision's cut-off, before the kill and after it, is Ray's rule over all earlier values at its rung.
     decided = read_jsonl(folder / "decisions.jsonl")
-    assert decided[:len(decided_before)] == decided_before and len(decided) > len(decided_before)
+    assert decided[:len(decided_before)] == decided_before
+    # A resumed driver's scheduler holds exactly the recorded values in its rungs (the resume may
+    # need no new decision when the kill came late, so this holds whether or not it made any).
+    rebuilt = RecordingASHA(time_attr="step", metric="val_bpb", mode="min", max_t=steps, grace_period=6,
+                            reduction_factor=2, milestones=(6, 12, 24, steps),
+                            decisions_path=str(folder / "decisions.jsonl"))
+    rebuilt.on_trial_add(None, SimpleNamespace(trial_id="new"))
+    held = {int(m): {t: -v for t, v in recorded.items()} for m, recorded in rebuilt._brackets[0]._rungs}
+    assert held == {rung: {d["trial_id"]: d["value"] for d in decided if d["rung"] == rung} for rung in held}
     for i, row in enumerate(decided):
         earlier = [d["value"] for d in decided[:i] if d["rung"] == row["rung"] and d["trial_id"] != row["trial_id"]]
         assert row["cutoff"] == pytest.approx(_asha_cutoff(earlier)), (i, row, earlier)
