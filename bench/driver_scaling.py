@@ -36,10 +36,11 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sweep_overhead import load, machine, print_table, start_ray  # noqa: E402
 
+from jepatune.experiment.settings import SweepSettings
+from jepatune.experiment.trials import METRIC, PENALTY_BPB, TIME_ATTR  # noqa: E402
 from jepatune.search.progress import TrialLines  # noqa: E402
 from jepatune.search.searcher import RecordingASHA  # noqa: E402
-from jepatune.search.sweep import SNAPSHOT_PERIOD_S, SweepSettings, make_search  # noqa: E402
-from jepatune.search.trainable import METRIC, PENALTY_BPB, TIME_ATTR  # noqa: E402
+from jepatune.search.sweep import SNAPSHOT_PERIOD_S, make_search  # noqa: E402
 from jepatune.spaces import get_space  # noqa: E402
 from jepatune.trainer.config import TrainConfig  # noqa: E402
 

@@ -122,7 +122,7 @@ def machine() -> Record:
 
 
 def run_study(args: argparse.Namespace) -> list[Record]:
-    from jepatune.trainer.corpora import build_demo
+    from jepatune.corpora import build_demo
 
     data = args.data or Path(args.records).parent / "data"
     build_demo(data)

@@ -117,7 +117,7 @@ def run_reference(data: Path, bf16: bool) -> dict:
 
 
 def main() -> int:
-    from jepatune.trainer.corpora import build_demo
+    from jepatune.corpora import build_demo
 
     if not SEED.is_file():
         raise SystemExit(f"{SEED}: the reference script is not there")

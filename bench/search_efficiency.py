@@ -31,8 +31,9 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sweep_overhead import demo_data, load, machine, print_table, run_in_temp, start_ray  # noqa: E402
 
-from jepatune.search.sweep import SNAPSHOT_PERIOD_S, SweepSettings, base_config, make_search, make_trainable  # noqa: E402
-from jepatune.search.trainable import METRIC, TIME_ATTR  # noqa: E402
+from jepatune.experiment.settings import SweepSettings, base_config
+from jepatune.experiment.trials import METRIC, TIME_ATTR  # noqa: E402
+from jepatune.search.sweep import SNAPSHOT_PERIOD_S, make_search, make_trainable  # noqa: E402
 from jepatune.spaces import get_space  # noqa: E402
 from jepatune.trainer.loop import trainer_code_bytes  # noqa: E402
 

@@ -31,9 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # Ray workers
 
-from jepatune.analysis.tables import metric_reports, read_trials  # noqa: E402
-from jepatune.search.sweep import SweepSettings, ray_experiment_path, run_sweep  # noqa: E402
-from jepatune.trainer.corpora import build_demo  # noqa: E402
+from jepatune.corpora import build_demo  # noqa: E402
+from jepatune.experiment.ray_files import metric_reports, read_trials  # noqa: E402
+from jepatune.experiment.settings import SweepSettings  # noqa: E402
+from jepatune.search.sweep import run_sweep  # noqa: E402
 
 PHASES = ("setup", "train", "eval", "ckpt")
 TARGET_TRAIN_SHARE = 0.90
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     t0 = time.time()
     run_sweep(settings)  # the experiment's tables are written inside: the driver's end-of-sweep work counts
     wall = time.time() - t0
-    trials = trial_rows(ray_experiment_path(settings))
+    trials = trial_rows(settings.experiment_path)
     print(f"\nper trial ({load()} after the sweep):")
     print_table(trials, ("trial", "status", "steps", "setup_s", "train_s", "eval_s", "ckpt_s", "other_s", "trial_s",
                          "train_share"))

@@ -35,13 +35,13 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
+from jepatune.corpora import build_demo  # noqa: E402
 from jepatune.trainer import schedule  # noqa: E402
 from jepatune.trainer.config import PRESETS, TrainConfig, load_config, parse_set_args  # noqa: E402
-from jepatune.trainer.corpora import build_demo  # noqa: E402
 from jepatune.trainer.data import DistributedTokenLoader, find_shards  # noqa: E402
-from jepatune.trainer.evaluate import autocast  # noqa: E402
-from jepatune.trainer.loop import Trainer, setup_runtime  # noqa: E402
+from jepatune.trainer.loop import Trainer  # noqa: E402
 from jepatune.trainer.model import build_model  # noqa: E402
+from jepatune.trainer.runtime import autocast, setup_runtime  # noqa: E402
 
 Row = dict[str, Any]
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")  # torch's own deprecations
@@ -148,7 +148,7 @@ def bench_ours(c: TrainConfig, mode: str, stages: list[int], args: argparse.Name
             step, elapsed = stage_point(c, stage)
 
             def one_step(t: Trainer = trainer, step: int = step, elapsed: float = elapsed) -> None:
-                t.step = step  # train_step derives the progress, hence the stage, from it
+                t.state.step = step  # train_step derives the progress, hence the stage, from it
                 t.train_step(elapsed=elapsed)
 
             r = make_row("ours", mode, stage, device, c, params, *measure(one_step, device, args.warmup, args.steps))

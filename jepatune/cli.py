@@ -7,15 +7,19 @@ Errors a user can cause end with one line on stderr and exit status 2. Heavy mod
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
+import typing
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from jepatune.atomic import creation_problem
 from jepatune.errors import ConfigError, JepatuneError
+from jepatune.experiment.layout import BEST_NAME, FIGURES_DIR, SETTINGS_NAME, TABLES_DIR
+from jepatune.experiment.settings import AblationSettings, SweepSettings, default_of, read_settings_toml
 
 DEMO_OUT = "runs/demo"
 
@@ -63,10 +67,57 @@ def _prepare_out(out: Path, resume: bool = False) -> Path:
     return out
 
 
+# --- options built from the settings dataclasses ---------------------------------------------
+
+def _add_settings_options(p: argparse.ArgumentParser, cls: type) -> None:
+    """One option per field of `cls`, with the field's help and default (`experiment.settings`).
+    Options left out keep argparse's SUPPRESS, so `_settings_from_args` can tell a given one from a
+    default (a value from `--config` then stands)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta, tp = f.metadata, hints[f.name]
+        default = default_of(f)
+        shown = f" (default: {default})" if default not in (None, "", (), {}) else ""
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": meta["help"] + shown}
+        if "metavar" in meta:
+            kwargs["metavar"] = meta["metavar"]
+        if "choices" in meta:
+            kwargs["choices"] = meta["choices"]
+        origin = typing.get_origin(tp)
+        if origin in (dict, tuple):  # --set KEY=VALUE, --factor ...: repeatable
+            kwargs["action"] = "append"
+        elif tp in (int, float):
+            kwargs["type"] = tp
+            kwargs.setdefault("metavar", "N" if tp is int else "X")
+        p.add_argument(meta.get("flag", "--" + f.name.replace("_", "-")), **kwargs)
+
+
+def _settings_from_args(cls: type, args: argparse.Namespace, paths: tuple[str, ...] = (),
+                        **from_file: Any) -> Any:
+    """`cls` from the defaults, then `from_file` (a --config TOML), then the options given. The
+    fields named in `paths` are folders or files given relative to the working directory."""
+    from jepatune.trainer.config import parse_set_args
+
+    values = dict(from_file)
+    for f in dataclasses.fields(cls):
+        if f.name not in vars(args):
+            continue
+        value = getattr(args, f.name)
+        if typing.get_origin(typing.get_type_hints(cls)[f.name]) is dict:
+            value = {**values.get(f.name, {}), **parse_set_args(value)}
+        elif isinstance(value, list):
+            value = tuple(value)
+        values[f.name] = value
+    for name in paths:
+        if values.get(name) and "://" not in str(values[name]):
+            values[name] = str(Path(values[name]).resolve())
+    return cls(**values)
+
+
 # --- data ---------------------------------------------------------------------------------
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from jepatune.trainer import corpora
+    from jepatune import corpora
 
     out = _prepare_out(args.out)
     t0 = time.perf_counter()
@@ -120,29 +171,22 @@ def _run_training(config, out: Path, resume: bool = False) -> int:
 
 # --- search and retrain ----------------------------------------------------------------------
 
-def _sweep_settings(args: argparse.Namespace):
-    from jepatune.search.sweep import SweepSettings
-    from jepatune.trainer.config import parse_set_args
-
-    if args.data is None and not args.resume:
-        raise JepatuneError("--data is required: a byte-shard folder (build one with `jepatune data demo --out DIR`)")
-    return SweepSettings(
-        data=str(args.data.resolve()) if args.data else "", out=str(args.out), name=args.name, space=args.space,
-        samples=args.samples, trial_steps=args.trial_steps, grace_steps=args.grace_steps,
-        reduction_factor=args.reduction_factor, concurrency=args.concurrency, cpus_per_trial=args.cpus_per_trial,
-        gpus_per_trial=args.gpus_per_trial, storage=args.storage, preset=args.preset,
-        overrides=parse_set_args(args.overrides), seed=args.seed, startup_trials=args.startup_trials,
-        max_failures=args.max_failures, checkpoint_every=args.checkpoint_every, fidelity=args.fidelity,
-        probe_steps=args.probe_steps, audit_frac=args.audit_frac,
-        final_steps=args.final_steps, final_seeds=args.final_seeds, finalists=args.finalists, sampler=args.sampler,
-        scheduler="none" if args.no_pruning else "asha")
+def _sweep_settings(args: argparse.Namespace) -> SweepSettings:
+    """--config FILE (the same names as the options), then the options given; --no-pruning last."""
+    from_file = read_settings_toml(SweepSettings, args.config) if args.config is not None else {}
+    if args.no_pruning:
+        args.scheduler = "none"
+    return _settings_from_args(SweepSettings, args, ("data",), **from_file)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from jepatune.search.sweep import finalize, leaderboard, read_settings, run_sweep
+    from jepatune.analysis.summary import sweep_summary
+    from jepatune.experiment.settings import read_settings
+    from jepatune.search.sweep import finalize, run_sweep
 
     settings = _sweep_settings(args)
     if not args.resume:
+        settings.validate()
         _prepare_out(settings.folder)
     t0 = time.perf_counter()
     run_sweep(settings, resume=args.resume)
@@ -150,13 +194,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     settings = read_settings(settings.folder)  # on --resume, the settings the sweep started with
     if settings.final_steps:
         finalize(settings.folder)
-    print(leaderboard(settings.folder))
-    print(f"experiment folder: {settings.folder} (tables in tables/, best recipe in best.toml)")
+    print(sweep_summary(settings.folder))
+    print(f"experiment folder: {settings.folder} (tables in {TABLES_DIR}/, best recipe in {BEST_NAME})")
     return 0
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    from jepatune.search.sweep import _ensure_ray, finalize, leaderboard
+    from jepatune.analysis.summary import sweep_summary
+    from jepatune.search.sweep import ensure_ray, finalize
 
     target = args.target.resolve()
     if target.is_file():  # a recipe: it and the reference beside it
@@ -172,14 +217,14 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
         find_shards(config.data_path, "train")
         out.mkdir(parents=True, exist_ok=True)
-        _ensure_ray()
+        ensure_ray()
         print(retrain_recipe(config, out, args.final_seeds or 3).to_string(index=False))
         print(f"runs and tables in {out}")
         return 0
     if not target.is_dir():
         raise JepatuneError(f"{target} does not exist; give a sweep folder or a TOML recipe")
     finalize(target, final_steps=args.final_steps, final_seeds=args.final_seeds, finalists=args.finalists)
-    print(leaderboard(target))
+    print(sweep_summary(target))
     return 0
 
 
@@ -187,15 +232,18 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     """The leaderboard, then what each knob is worth and how far the pruning can be trusted; then
     report.md with its figures. An ablation folder gets its report only."""
     from jepatune.analysis import explore
-    from jepatune.analysis.report import ABLATION_NAME, SETTINGS_NAME, write_report
-    from jepatune.search.sweep import leaderboard, read_settings
+    from jepatune.analysis.report import write_report
+    from jepatune.analysis.summary import sweep_summary
+    from jepatune.analysis.tables import load
+    from jepatune.experiment.layout import ABLATION_NAME
+    from jepatune.experiment.settings import read_settings
 
     if (args.folder / ABLATION_NAME).is_file() and not (args.folder / SETTINGS_NAME).is_file():
         _print_report(write_report(args.folder, log=print))
         return 0
     folder = read_settings(args.folder).folder  # a clear error when it is not a sweep
-    print(leaderboard(folder, k=args.top))
-    tables = explore.load(folder)
+    print(sweep_summary(folder, k=args.top))
+    tables = load(folder)
     fmt = {"index": False, "float_format": lambda v: f"{v:.4g}"}
     for knob in explore.knob_columns(tables.trials):
         m = explore.marginals(tables.trials, knob)
@@ -216,26 +264,16 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _print_report(path: Path) -> None:
-    from jepatune.analysis.report import FIGURES_DIR
-
     print(f"\nreport: {path} (figures in {path.parent / FIGURES_DIR}/)")
 
 
 # --- ablate ---------------------------------------------------------------------------------
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from jepatune.search.ablate import AblationSettings, describe, run_ablation
-    from jepatune.trainer.config import parse_set_args
+    from jepatune.search.ablate import describe, run_ablation
 
-    def resolved(path: Path | None) -> str | None:
-        return str(path.resolve()) if path is not None else None
-
-    base = args.base if args.base in (None, "best", "reference") else resolved(Path(args.base))
-    settings = AblationSettings(
-        base=base, factors=tuple(args.factors), presets=tuple(args.presets), sweep=resolved(args.sweep),
-        data=resolved(args.data), model_preset=args.model_preset, overrides=parse_set_args(args.overrides),
-        seeds=args.seeds, steps=args.steps, out=resolved(args.out), name=args.name, concurrency=args.concurrency,
-        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, max_failures=args.max_failures)
+    paths = ("sweep", "data", "out") + (() if getattr(args, "base", None) in (None, "best", "reference") else ("base",))
+    settings = _settings_from_args(AblationSettings, args, paths)
     _prepare_out(settings.folder, resume=True)
     t0 = time.perf_counter()
     table = run_ablation(settings, resume=args.resume)
@@ -262,16 +300,17 @@ SMOKE_CORPUS = dict(train_mb=0.6, val_mb=0.1)
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The whole pipeline on CPU in a few minutes: corpus, sweep, finalists' retrain, tables, report, answer."""
+    from jepatune import corpora
     from jepatune.analysis.finalists import conclusion
     from jepatune.analysis.report import write_report
+    from jepatune.analysis.summary import sweep_summary
     from jepatune.analysis.tables import load_tables
-    from jepatune.search.sweep import SweepSettings, finalize, leaderboard, run_sweep
-    from jepatune.trainer import corpora
+    from jepatune.search.sweep import finalize, run_sweep
 
     out = _prepare_out(args.out)
     sizes, corpus = (SMOKE_SWEEP, SMOKE_CORPUS) if args.smoke_test else (DEMO_SWEEP, DEMO_CORPUS)
     settings = SweepSettings(data=str(out / "data"), out=str(out), **sizes)
-    if (settings.folder / "sweep.json").exists():
+    if (settings.folder / SETTINGS_NAME).exists():
         raise JepatuneError(f"{settings.folder} already holds a demo sweep; use another --out or delete it")
     t0 = time.perf_counter()
     info = corpora.build_demo(settings.data, **corpus)
@@ -281,9 +320,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     run_sweep(settings)
     print(f"sweep done in {time.perf_counter() - t0:.0f}s")
     finalize(settings.folder)
-    print(leaderboard(settings.folder))
-    print(f"experiment folder: {settings.folder}\n  tables: {settings.folder / 'tables'}/"
-          f"{{trials,curves,decisions,final,finalists}}.parquet\n  best recipe: {settings.folder / 'best.toml'}")
+    print(sweep_summary(settings.folder))
+    print(f"experiment folder: {settings.folder}\n  tables: {settings.folder / TABLES_DIR}/"
+          f"{{trials,curves,decisions,final,finalists}}.parquet\n  best recipe: {settings.folder / BEST_NAME}")
     print(f"  report: {write_report(settings.folder, log=print)} (figures in report/)")
     print(f"demo finished in {time.perf_counter() - t0:.0f}s")
     print(conclusion(load_tables(settings.folder)["finalists"]))
@@ -301,8 +340,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jepatune.search.sweep import FIDELITIES  # a light module: no Ray, no torch
-
     parser = _Parser(prog="jepatune", description=__doc__.splitlines()[0].strip("`"))
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -320,40 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("search", help="a Ray Tune + Optuna + ASHA sweep, then retrain the best")
-    p.add_argument("--space", default="curriculum", help="curriculum, regularizer, optimizer, full, or a TOML file")
-    p.add_argument("--samples", type=int, default=16, help="trials (the reference recipe is always the first)")
-    p.add_argument("--trial-steps", type=int, default=200, help="each trial's budget in optimiser steps")
-    p.add_argument("--data", type=Path, help="byte-shard folder, the same path on every node")
-    p.add_argument("--out", type=Path, default=Path("runs"), help="where the experiment folder goes")
-    p.add_argument("--name", default="sweep", help="experiment folder name under --out")
-    p.add_argument("--storage", help="where Ray keeps trials on a cluster: s3://bucket/path or a shared folder")
-    p.add_argument("--preset", help="starting config for every trial, e.g. tiny")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="fix a trainer knob for every trial (repeatable)")
-    p.add_argument("--concurrency", type=int, default=2, help="trials at once")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0)
-    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="0.5 packs two trials per GPU")
-    p.add_argument("--grace-steps", type=int, default=0, help="first ASHA rung in steps (0 = trial-steps / 4)")
-    p.add_argument("--reduction-factor", type=int, default=2, help="ASHA keeps 1 / this at each rung")
-    p.add_argument("--seed", type=int, default=0, help="the sampler's seed")
-    p.add_argument("--startup-trials", type=int, default=10, help="random trials before TPE models the space")
-    p.add_argument("--sampler", choices=("tpe", "random"), default="tpe", help="how recipes are suggested")
+    _add_settings_options(p, SweepSettings)
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help="a flat TOML file of these settings by their field names (samples = 64, [overrides] ...); "
+                        "options given here override it")
     p.add_argument("--no-pruning", action="store_true", help="no ASHA: every trial runs its full budget")
-    p.add_argument("--fidelity", default="snapshot", choices=FIDELITIES,
-                   help="what a rung measures: the running model (snapshot), a whole curriculum compressed to the "
-                        "rung's budget (restart), or a short pure-CE cool-down branch (probe)")
-    p.add_argument("--probe-steps", type=int, default=0, help="probe fidelity: cool-down steps (0 = half the "
-                   "first rung)")
-    p.add_argument("--audit-frac", type=float, default=0.05,
-                   help="share of ASHA's stops run to the end anyway, to estimate its false-stop rate")
-    p.add_argument("--max-failures", type=int, default=2, help="restarts of a failed trial from its checkpoint")
-    p.add_argument("--checkpoint-every", type=int, default=1,
-                   help="checkpoint every Nth rung (always the last); 0 = the last only")
-    p.add_argument("--final-steps", type=int, default=0,
-                   help="retrain the finalists and the reference at this budget; the best retrain wins (0 = none)")
-    p.add_argument("--final-seeds", type=int, default=3,
-                   help="seeds per retrained recipe, none a trial's seed (run in parallel)")
-    p.add_argument("--finalists", type=int, default=3, help="the top distinct recipes by trial score to retrain")
     p.add_argument("--resume", action="store_true", help="continue the sweep in OUT/NAME after a crash")
     p.set_defaults(fn=cmd_search)
 
@@ -374,26 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_analyze)
 
     p = sub.add_parser("ablate", help="a recipe and single-factor changes of it, several seeds each, paired by seed")
-    p.add_argument("--base", help="best (the --sweep's best recipe; the default with --sweep), reference (the "
-                   "default otherwise), or a TOML recipe")
-    p.add_argument("--factor", dest="factors", action="append", default=[], metavar="KEY=V1,V2",
-                   help="one variant per value of a knob, e.g. --factor regularizer=lejepa,none (repeatable)")
-    p.add_argument("--preset", dest="presets", action="append", default=[], metavar="NAME",
-                   help="built-in variants: jepa-vs-ce, regularizer, swa (repeatable, combinable with --factor)")
-    p.add_argument("--sweep", type=Path, help="a sweep folder: its best recipe, its searched SWA start")
-    p.add_argument("--data", type=Path, help="byte-shard folder (default: the base recipe's)")
-    p.add_argument("--model-preset", help="the model of --base reference: " + ", ".join(_preset_names()))
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="set a knob of the base, hence of every variant (repeatable)")
-    p.add_argument("--seeds", type=int, default=3, help="runs per variant; seed k pairs the variants' runs")
-    p.add_argument("--steps", type=int, default=0, help="each run's budget (default: the base recipe's)")
-    p.add_argument("--out", type=Path, help="where the ablation folder goes (default: SWEEP/ablations with "
-                   "--sweep, else runs/ablations)")
-    p.add_argument("--name", help="ablation folder name (default: the preset names, else ablation)")
-    p.add_argument("--concurrency", type=int, default=2, help="runs at once")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0)
-    p.add_argument("--gpus-per-trial", type=float, default=0.0)
-    p.add_argument("--max-failures", type=int, default=1, help="restarts of a run that raised")
+    _add_settings_options(p, AblationSettings)
     p.add_argument("--resume", action="store_true", help="continue the ablation recorded in the folder")
     p.set_defaults(fn=cmd_ablate)
 

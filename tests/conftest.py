@@ -36,7 +36,7 @@ def tiny_sets(**extra) -> list[str]:
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
-    from jepatune.trainer.corpora import build_demo
+    from jepatune.corpora import build_demo
 
     out = tmp_path_factory.mktemp("demo") / "data"
     build_demo(out, train_mb=0.6, val_mb=0.1)
@@ -86,7 +86,8 @@ def finished_sweep_folder(tmp_path_factory, demo_data, sweep_knobs):
     """One finished sweep, built once per test session: 8 trials of the tiny model over the curriculum
     space (16 steps, rungs 2, 4, 8, 16, a checkpoint every second rung), then a 2-seed retrain at 16 steps. Tests read a
     copy of it (`copy_sweep`), so that none sees another's changes."""
-    from jepatune.search.sweep import SweepSettings, finalize, run_sweep
+    from jepatune.experiment.settings import SweepSettings
+    from jepatune.search.sweep import finalize, run_sweep
 
     _local_ray()
     settings = SweepSettings(data=str(demo_data), out=str(tmp_path_factory.mktemp("finished")), samples=8,
@@ -101,7 +102,7 @@ def copy_sweep(source, into):
     """A copy of the sweep folder `source` under `into`; returns its SweepSettings."""
     import shutil
 
-    from jepatune.search.sweep import read_settings
+    from jepatune.experiment.settings import read_settings
 
     shutil.copytree(source, into / source.name, symlinks=True)
     return read_settings(into / source.name)

@@ -196,3 +196,53 @@ def test_help_config_lists_every_knob(capsys):
         assert name in text
     listed = [line.split()[0] for line in text.splitlines() if line.strip()]
     assert listed == [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+# --- settings: one source for the options, the TOML file and the defaults -------------------
+
+def test_search_options_are_the_settings_fields_with_their_defaults():
+    from jepatune.cli import build_parser
+    from jepatune.experiment.settings import SweepSettings
+
+    search = build_parser()._subparsers._group_actions[0].choices["search"]
+    options = {a.dest: a for a in search._actions}
+    for f in dataclasses.fields(SweepSettings):
+        assert f.name in options, f.name
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if default not in (None, "", (), {}):
+            assert f"(default: {default})" in options[f.name].help, f.name
+
+
+def test_search_config_file_then_options(tmp_path):
+    from jepatune.cli import _sweep_settings, build_parser
+
+    config = tmp_path / "sweep.toml"
+    config.write_text('samples = 64\ntrial_steps = 300\nfidelity = "probe"\n[overrides]\nmodel_dim = 64\n'
+                      'num_layers = 2\n')
+    args = build_parser().parse_args(["search", "--config", str(config), "--data", str(tmp_path), "--samples", "8",
+                                      "--set", "num_layers=3", "--no-pruning"])
+    settings = _sweep_settings(args)
+    assert (settings.samples, settings.trial_steps, settings.fidelity, settings.scheduler) == (8, 300, "probe", "none")
+    assert settings.overrides == {"model_dim": 64, "num_layers": "3"}  # the file's table, then --set on top
+    assert settings.data == str(tmp_path.resolve()) and settings.name == "sweep"  # the rest: the defaults
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("sampels = 8\n", ["unknown setting 'sampels'", "did you mean samples?"]),
+    ('samples = "many"\n', ["samples='many'", "expected int"]),
+    ("overrides = 3\n", ["overrides must be a table"]),
+])
+def test_search_config_file_errors_are_one_line(tmp_path, text, expected):
+    config = tmp_path / "bad.toml"
+    config.write_text(text)
+    code, out, err = run_main(["search", "--config", str(config), "--data", str(tmp_path)])
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert all(e in err for e in expected), err
+    assert not (tmp_path / "runs").exists() and not Path("runs/sweep/sweep.json").exists()
+
+
+def test_ablate_names_a_set_of_variants_variants_and_a_model_preset_preset(tmp_path):
+    code, _, err = run_main(["ablate", "--data", str(tmp_path), "--preset", "swa", "--out", str(tmp_path)])
+    assert code == 2 and "--preset 'swa' is unknown (a set of variants: give --variants swa)" in err, err
+    code, _, err = run_main(["ablate", "--data", str(tmp_path), "--variants", "nope", "--out", str(tmp_path)])
+    assert code == 2 and "--variants 'nope' is unknown; choose one of jepa-vs-ce, regularizer, swa" in err, err

@@ -9,14 +9,12 @@ Names are loaded on first use, so importing the package imports neither torch no
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from jepatune.lazy import lazy_exports
 
-_EXPORTS = {
-    "load_tables": "jepatune.analysis.tables",
-    "write_tables": "jepatune.analysis.tables",
+__getattr__, __all__ = lazy_exports(__name__, {
+    **{name: "jepatune.analysis.tables" for name in ("Tables", "load", "load_tables", "write_tables")},
     **{name: "jepatune.analysis.explore" for name in (
-        "Tables", "load", "leaderboard", "knob_columns", "marginals", "importance", "spearman",
+        "leaderboard", "knob_columns", "marginals", "importance", "spearman",
         "rung_correlation", "compare_final", "false_stops", "wilson_interval")},
     **{name: "jepatune.analysis.optuna_io" for name in ("export_study", "import_study", "journal_storage")},
     **{name: "jepatune.analysis.replay" for name in (
@@ -24,12 +22,5 @@ _EXPORTS = {
         "fidelity_cost")},
     **{name: "jepatune.analysis.ablation" for name in ("ablation_table", "load_ablation")},
     "write_report": "jepatune.analysis.report",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'jepatune.analysis' has no attribute {name!r}")
+    "sweep_summary": "jepatune.analysis.summary",
+})

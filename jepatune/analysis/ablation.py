@@ -19,11 +19,11 @@ import pandas as pd
 
 from jepatune.analysis import schema
 from jepatune.analysis.explore import pair_by_seed
-from jepatune.analysis.tables import TABLES_DIR, read_trials, write_parquet
+from jepatune.analysis.tables import write_parquet
 from jepatune.errors import JepatuneError
+from jepatune.experiment.layout import ABLATION_NAME, CACHE_DIR, TABLES_DIR
+from jepatune.experiment.ray_files import read_trials
 
-SETTINGS_NAME = "ablation.json"
-FINISHED_DIR = "finished"
 BASE = "base"
 RUNS_TABLE, TABLE = "ablation_runs", "ablation"
 
@@ -69,9 +69,9 @@ def _paired(variant: str, runs_of: pd.DataFrame, base: pd.DataFrame) -> dict[str
 
 def read_plan(folder: str | os.PathLike) -> dict[str, Any]:
     """The contents of `ablation.json`; a clear error when `folder` is not an ablation folder."""
-    path = Path(folder) / SETTINGS_NAME
+    path = Path(folder) / ABLATION_NAME
     if not path.is_file():
-        raise JepatuneError(f"{Path(folder).resolve()} is not a jepatune ablation (no {SETTINGS_NAME}); "
+        raise JepatuneError(f"{Path(folder).resolve()} is not a jepatune ablation (no {ABLATION_NAME}); "
                             f"give the folder `jepatune ablate` made")
     return json.loads(path.read_text(encoding="utf-8"))
 
@@ -93,7 +93,7 @@ def build_runs(folder: str | os.PathLike) -> pd.DataFrame:
     rows = []
     for run in plan["runs"]:
         row = {"variant": run["variant"], "change": run["change"], "seed": run["seed"]}
-        finished = _read_json(folder / FINISHED_DIR / f"{run['config_key']}.json")
+        finished = _read_json(folder / CACHE_DIR / f"{run['config_key']}.json")
         if finished is not None:
             rows.append({**row, **{k: finished.get(k) for k in ("val_bpb", "prequant_bpb", "steps", "status",
                                                                   "trial_id")}})
@@ -122,7 +122,7 @@ def _stale(folder: Path, paths: dict[str, Path]) -> bool:
     if not all(p.exists() for p in paths.values()):
         return True
     oldest = min(p.stat().st_mtime_ns for p in paths.values())
-    sources = [folder / SETTINGS_NAME, *(folder / FINISHED_DIR).glob("*.json"), *folder.glob("*/error.txt")]
+    sources = [folder / ABLATION_NAME, *(folder / CACHE_DIR).glob("*.json"), *folder.glob("*/error.txt")]
     return any(p.stat().st_mtime_ns > oldest for p in sources if p.exists())
 
 

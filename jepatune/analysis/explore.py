@@ -9,23 +9,17 @@ whole budget (`status == "completed"`) and have a `last_val_bpb`; "BPB" is that 
 from __future__ import annotations
 
 import math
-import os
 import statistics
 from collections.abc import Iterable
-from dataclasses import fields
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import optuna
 import pandas as pd
 
-from jepatune.analysis import schema
-from jepatune.analysis.tables import FINAL_RUNS, TABLES_DIR, load_tables, write_tables
 from jepatune.errors import JepatuneError
+from jepatune.experiment.trials import KNOBS
 
-# = jepatune.search.searcher.DECISIONS_NAME (that module imports Ray; a test keeps the two equal)
-DECISIONS_NAME = "decisions.jsonl"
 EVALUATORS = ("fanova", "ped-anova")
 # Two-sided 95% quantiles of Student's t for df = 1..30; above 30 a Cornish-Fisher expansion (error < 1e-5).
 _T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788, 2.1604,
@@ -33,53 +27,12 @@ _T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622
          2.0518, 2.0484, 2.0452, 2.0423)
 
 
-class Tables(NamedTuple):
-    """The tables of a sweep (columns: `jepatune.analysis.schema`, plus the knob columns of trials)."""
-
-    trials: pd.DataFrame
-    curves: pd.DataFrame
-    decisions: pd.DataFrame
-    final: pd.DataFrame
-    finalists: pd.DataFrame
-
-
-def load(folder: str | os.PathLike) -> Tables:
-    """The tables of the sweep at `folder`, rebuilt from its files first when missing or stale.
-
-    Stale: a source file is newer (mtime) than the oldest table. Sources: the driver's
-    `decisions.jsonl` and `final/runs.jsonl`, and each Ray trial's `result.json` when the Ray
-    experiment is on a local path (with a `storage` URI such as s3:// those are not checked)."""
-    folder = Path(folder)
-    if _stale(folder):
-        write_tables(folder)
-    tables = load_tables(folder)
-    return Tables(**{name: tables[name] for name in Tables._fields})
-
-
-def _stale(folder: Path) -> bool:
-    from jepatune.search.sweep import ray_experiment_path, read_settings
-
-    paths = [folder / TABLES_DIR / f"{name}.parquet" for name in schema.TABLES]
-    if not all(p.exists() for p in paths):
-        return False  # load_tables builds them
-    oldest = min(p.stat().st_mtime_ns for p in paths)
-    sources = [folder / DECISIONS_NAME, folder / FINAL_RUNS]
-    experiment = ray_experiment_path(read_settings(folder))
-    if "://" not in experiment:
-        sources += Path(experiment).glob("*/result.json")
-    return any(p.exists() and p.stat().st_mtime_ns > oldest for p in sources)
-
-
 def knob_columns(trials: pd.DataFrame) -> list[str]:
-    """The hyperparameter columns of `trials` (TrainConfig knobs, as `jepatune.search.trainable.KNOBS`,
-    read here without importing Ray), in table order."""
-    from jepatune.trainer.config import TrainConfig
-
-    knobs = {f.name for f in fields(TrainConfig)}
-    return [c for c in trials.columns if c in knobs]
+    """The hyperparameter columns of `trials` (TrainConfig knobs), in table order."""
+    return [c for c in trials.columns if c in KNOBS]
 
 
-def _completed(trials: pd.DataFrame) -> pd.DataFrame:
+def completed_trials(trials: pd.DataFrame) -> pd.DataFrame:
     done = trials["status"].eq("completed").fillna(False).astype(bool) & trials["last_val_bpb"].notna()
     return trials[done.to_numpy()]
 
@@ -90,7 +43,7 @@ def leaderboard(trials: pd.DataFrame, k: int = 10, include_pruned: bool = False)
     furthest (most steps, then lowest last val_bpb) follow.
 
     Columns: trial_id, status, is_reference, val_bpb (= last_val_bpb), the knob columns, step, device_s."""
-    done = _completed(trials).sort_values("last_val_bpb", kind="stable")
+    done = completed_trials(trials).sort_values("last_val_bpb", kind="stable")
     top = done.head(k)
     ref = done[done["is_reference"].fillna(False).astype(bool).to_numpy()]
     parts = [top, ref[~ref["trial_id"].isin(top["trial_id"])]]
@@ -103,13 +56,13 @@ def leaderboard(trials: pd.DataFrame, k: int = 10, include_pruned: bool = False)
     return board[columns].rename(columns={"last_val_bpb": "val_bpb"}).reset_index(drop=True)
 
 
-def _is_log(values: pd.Series) -> bool:
+def is_log(values: pd.Series) -> bool:
     """A log-scale parameter: all positive, spanning more than one decade."""
     return bool(len(values) and values.min() > 0 and values.max() / values.min() > 10)  # a Python bool: it is
     # written into Optuna journals, which refuse numpy's
 
 
-def _is_numeric(values: pd.Series) -> bool:
+def is_numeric(values: pd.Series) -> bool:
     return pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
 
 
@@ -130,12 +83,12 @@ def marginals(trials: pd.DataFrame, param: str, bins: int = 5) -> pd.DataFrame:
     Columns: bin (label), low, high (bin edges; low == high == the value for a numeric group by value;
     NaN for bool/string), count, mean_bpb, min_bpb, std_bpb (NaN for one trial)."""
     _check_param(trials, param)
-    done = _completed(trials)
+    done = completed_trials(trials)
     done = done[done[param].notna().to_numpy()]
     x, bpb = done[param], done["last_val_bpb"].astype(float)
-    if _is_numeric(x) and x.nunique() > bins:
+    if is_numeric(x) and x.nunique() > bins:
         x = x.astype(float)
-        log = _is_log(x)
+        log = is_log(x)
         codes, edges = pd.qcut(np.log10(x) if log else x, bins, labels=False, retbins=True, duplicates="drop")
         edges = 10 ** edges if log else edges
         keys = codes.astype(int)
@@ -144,7 +97,7 @@ def marginals(trials: pd.DataFrame, param: str, bins: int = 5) -> pd.DataFrame:
     else:
         values = sorted(x.unique())
         keys = x.map({v: i for i, v in enumerate(values)})
-        numeric = _is_numeric(x)
+        numeric = is_numeric(x)
         low = high = [float(v) if numeric else math.nan for v in values]
         labels = [f"{v:.4g}" if numeric else str(v) for v in values]
     stats = bpb.groupby(keys.to_numpy()).agg(["count", "mean", "min", "std"])
@@ -155,15 +108,15 @@ def marginals(trials: pd.DataFrame, param: str, bins: int = 5) -> pd.DataFrame:
                                                        "count": "Int64"})
 
 
-def _distribution(values: pd.Series) -> tuple[optuna.distributions.BaseDistribution, type]:
+def distribution_of(values: pd.Series) -> tuple[optuna.distributions.BaseDistribution, type]:
     """The Optuna distribution a param's values came from (inferred), and the Python type of a value."""
     if pd.api.types.is_bool_dtype(values):
         return optuna.distributions.CategoricalDistribution(sorted({bool(v) for v in values})), bool
     if pd.api.types.is_integer_dtype(values):
-        return optuna.distributions.IntDistribution(int(values.min()), int(values.max()), log=_is_log(values)), int
+        return optuna.distributions.IntDistribution(int(values.min()), int(values.max()), log=is_log(values)), int
     if pd.api.types.is_float_dtype(values):
         values = values.astype(float)
-        return optuna.distributions.FloatDistribution(values.min(), values.max(), log=_is_log(values)), float
+        return optuna.distributions.FloatDistribution(values.min(), values.max(), log=is_log(values)), float
     return optuna.distributions.CategoricalDistribution(sorted({str(v) for v in values})), str
 
 
@@ -188,7 +141,7 @@ def importance(trials: pd.DataFrame, evaluator: str = "fanova", seed: int = 0) -
 
     Columns: param, importance (Optuna-normalised: sums to 1 unless all are 0), evaluator; most
     important first."""
-    done = _completed(trials)
+    done = completed_trials(trials)
     if len(done) < 2:
         raise JepatuneError(f"importance needs at least 2 completed trials (full budget); this sweep has "
                             f"{len(done)}: run more --samples")
@@ -199,7 +152,7 @@ def importance(trials: pd.DataFrame, evaluator: str = "fanova", seed: int = 0) -
         raise JepatuneError(f"no hyperparameter varies across the {len(done)} completed trials; importance needs "
                             f"at least 2 completed trials with different recipes")
     chosen = _evaluator(evaluator, seed)
-    dists = {p: _distribution(done[p]) for p in params}
+    dists = {p: distribution_of(done[p]) for p in params}
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created in memory" line
     try:
@@ -234,7 +187,7 @@ def rung_correlation(trials: pd.DataFrame, curves: pd.DataFrame, decisions: pd.D
     val_bpb; NaN when n < 3), ci_low/ci_high (its approximate 95% interval, `spearman_interval`: at
     n = 5 it spans most of [-1, 1]), cutoff (the largest recorded), best_stopped_here, stopped
     (trials ASHA stopped at the rung)."""
-    done = _completed(trials)
+    done = completed_trials(trials)
     final = done.set_index("trial_id")["last_val_bpb"].astype(float)
     judged_at = decisions["step"].fillna(decisions["rung"])  # rows written without a step: the rung itself
     if len(decisions):
@@ -288,7 +241,7 @@ def false_stops(trials: pd.DataFrame) -> pd.DataFrame:
     val_bpb of the trials ASHA itself let run to the end. One row: audited, false_stops, rate and
     its Wilson 95% interval (ci_low, ci_high), beat_best (audited trials better than every trial
     ASHA kept), kept (trials ASHA let finish). Rate and interval are NaN with no audit or no kept trial."""
-    done = _completed(trials)
+    done = completed_trials(trials)
     audited = done["audited"].fillna(False).astype(bool) if "audited" in done else pd.Series(False, index=done.index)
     kept = done.loc[~audited.to_numpy(), "last_val_bpb"].astype(float)
     checked = done.loc[audited.to_numpy(), "last_val_bpb"].astype(float)

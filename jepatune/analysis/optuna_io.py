@@ -25,8 +25,14 @@ from typing import TYPE_CHECKING, Any
 import optuna
 import pandas as pd
 
+from jepatune.analysis.explore import distribution_of, knob_columns
+from jepatune.analysis.tables import load_tables
 from jepatune.atomic import atomic_path
 from jepatune.errors import JepatuneError
+from jepatune.experiment.ray_files import load_study
+from jepatune.experiment.settings import read_settings
+from jepatune.experiment.trials import PENALIZED
+from jepatune.spaces import CONSTRAINT_KEY, FAILURE_CONSTRAINT
 
 if TYPE_CHECKING:
     from jepatune.spaces import Dim, Space
@@ -60,8 +66,6 @@ def export_study(folder: str | os.PathLike, path: str | os.PathLike | None = Non
     trials are left out. The study's user attr `jepatune_source` says where the trials came from:
     "searcher" (the sweep's own study) or "tables". Written atomically; an existing file is kept
     unless `overwrite`."""
-    from jepatune.search.sweep import read_settings
-
     settings = read_settings(folder)
     path = Path(folder) / JOURNAL_NAME if path is None else Path(path)
     if path.exists() and not overwrite:
@@ -75,8 +79,6 @@ def export_study(folder: str | os.PathLike, path: str | os.PathLike | None = Non
 
 
 def _sweep_trials(folder: Path) -> tuple[list[optuna.trial.FrozenTrial], str]:
-    from jepatune.search.sweep import load_study
-
     try:
         study = load_study(folder)
     except (JepatuneError, OSError, ImportError, AttributeError, KeyError, pickle.UnpicklingError):
@@ -94,15 +96,10 @@ def table_trials(folder: str | os.PathLike) -> list[optuna.trial.FrozenTrial]:
     val_bpb by step as intermediate values; errored and oom trials FAIL, incomplete ones left out,
     infeasible ones with the space constraint at 1, diverged and infeasible ones with the failure
     constraint at 1 (as the sweep told them). User attrs: trial_id, status, is_reference."""
-    from jepatune.analysis.explore import _distribution, knob_columns
-    from jepatune.analysis.schema import PENALIZED
-    from jepatune.analysis.tables import load_tables
-    from jepatune.spaces import CONSTRAINT_KEY, FAILURE_CONSTRAINT
-
     tables = load_tables(folder)
     trials, curves = tables["trials"], tables["curves"]
     trials = trials[trials["status"].isin(list(STATES)).fillna(False).astype(bool).to_numpy()]
-    dists = {p: _distribution(trials[p].dropna()) for p in knob_columns(trials) if trials[p].notna().any()}
+    dists = {p: distribution_of(trials[p].dropna()) for p in knob_columns(trials) if trials[p].notna().any()}
     reported = curves.dropna(subset=["step", "val_bpb"])
     steps = {tid: dict(zip(g["step"].astype(int), g["val_bpb"].astype(float), strict=True))
              for tid, g in reported.groupby("trial_id")}

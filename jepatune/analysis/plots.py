@@ -23,7 +23,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import NullFormatter
 
 from jepatune.analysis import explore
-from jepatune.analysis.schema import PENALIZED
+from jepatune.experiment.trials import PENALIZED
 
 DPI = 100
 RECIPE_COLORS = ["tab:blue", "tab:green", "tab:purple", "tab:red", "tab:brown", "tab:pink"]  # orange: the reference
@@ -112,7 +112,7 @@ def bpb_by_param(trials: pd.DataFrame, bins: int = 5) -> Figure:
     title = ("Final val BPB against each searched hyperparameter "
              "(completed trials; orange: mean per bin; star: reference)")
     knobs = explore.knob_columns(trials)
-    done = explore._completed(trials)
+    done = explore.completed_trials(trials)
     if not knobs or done.empty:
         return _message("no completed trial yet" if knobs else "no searched hyperparameter in the trials table",
                         title)
@@ -133,9 +133,9 @@ def bpb_by_param(trials: pd.DataFrame, bins: int = 5) -> Figure:
 def _param_panel(ax: Axes, done: pd.DataFrame, knob: str, marginals: pd.DataFrame) -> None:
     rows = done[done[knob].notna().to_numpy()]
     y = rows["last_val_bpb"].astype(float)
-    if explore._is_numeric(rows[knob]):
+    if explore.is_numeric(rows[knob]):
         x = rows[knob].astype(float)
-        if explore._is_log(x):
+        if explore.is_log(x):
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log range collide
         for m in marginals.itertuples():
@@ -165,9 +165,9 @@ def _unit_scale(values: pd.Series) -> tuple[pd.Series, list[tuple[float, str]]]:
     """Values mapped to [0, 1] (log10 first for a log-scale knob; categories evenly spaced) and the
     axis labels to draw: (position, text)."""
     present = values.dropna()
-    if explore._is_numeric(values):
+    if explore.is_numeric(values):
         v = values.astype(float)
-        log = explore._is_log(present.astype(float))
+        log = explore.is_log(present.astype(float))
         scaled = np.log10(v) if log else v
         lo, hi = (scaled.min(), scaled.max()) if len(present) else (0.0, 0.0)
         if not hi > lo:
@@ -245,7 +245,7 @@ def rung_scatter(trials: pd.DataFrame, curves: pd.DataFrame, rungs: pd.DataFrame
     at the rung against its final val_bpb, the largest cut-off ASHA applied there (dashed), the
     best trial as a star, and the rung's Spearman correlation in the title."""
     title = "Does an early rung predict the final BPB? (completed trials)"
-    done = explore._completed(trials)
+    done = explore.completed_trials(trials)
     if rungs.empty or done.empty:
         return _message("no completed trial yet" if not rungs.empty else "no ASHA rung below the budget", title)
     final = done.drop_duplicates("trial_id").set_index("trial_id")["last_val_bpb"].astype(float)

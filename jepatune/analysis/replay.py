@@ -7,13 +7,7 @@ the truly best stopped); `replay_orders` averages that over random arrival order
 does it for a finished sweep's tables under other (grace, reduction factor, fidelity column)
 settings.
 
-Fidelities, and what one trial spends to be judged at milestone m_j of milestones m_1 < ... < m_n
-(budget B, probe branches of k steps):
-- ``snapshot``: the running model's BPB mid-curriculum. Cost m_j; a trial run to the end costs B.
-- ``probe``: the BPB after a k-step pure-CE cool-down branched off at each rung and rolled back.
-  Cost m_j + j k; to the end B + n k.
-- ``restart``: each rung is a complete curriculum compressed to m_j steps. Cost m_1 + ... + m_j; to
-  the end m_1 + ... + m_n + B.
+Compute is counted as the fidelity of the rung values says (`jepatune.experiment.fidelity`).
 
 Everything here is pure pandas/numpy: no training, no Ray.
 """
@@ -27,9 +21,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from jepatune.analysis import schema
 from jepatune.errors import JepatuneError
-from jepatune.search.sweep import FIDELITIES, rung_steps  # a light module: no Ray, no torch
+from jepatune.experiment.fidelity import SNAPSHOT, Fidelity, get_fidelity, rung_steps
+from jepatune.experiment.trials import PENALIZED
 
 # The fidelity a curves column holds when a setting does not say (it decides how compute is counted).
 COLUMN_FIDELITY = {"snapshot_bpb": "snapshot", "probe_bpb": "probe", "val_bpb": "snapshot"}
@@ -68,17 +62,8 @@ def _check_ladder(grace: int, reduction_factor: float) -> None:
 def fidelity_cost(fidelity: str, rungs: Sequence[int], budget: int,
                   probe_steps: int = 0) -> tuple[dict[int, float], float]:
     """(compute a trial has spent when judged at each rung, compute of a trial run to the end), in
-    optimiser steps, under `fidelity` (see the module docstring)."""
-    if fidelity not in FIDELITIES:
-        raise JepatuneError(f"fidelity {fidelity!r} is unknown; choose one of {', '.join(FIDELITIES)}")
-    rungs = [int(r) for r in rungs]
-    if fidelity == "snapshot":
-        return {r: float(r) for r in rungs}, float(budget)
-    if fidelity == "probe":
-        end = budget + len(rungs) * probe_steps
-        return {r: float(r + (j + 1) * probe_steps) for j, r in enumerate(rungs)}, float(end)
-    spent = np.cumsum(rungs, dtype=float)
-    return {r: float(s) for r, s in zip(rungs, spent, strict=True)}, float(sum(rungs) + budget)
+    optimiser steps, under the fidelity named `fidelity`."""
+    return get_fidelity(fidelity).cost(tuple(int(r) for r in rungs), budget, probe_steps)
 
 
 def _values_dict(values: Values) -> dict[Hashable, dict[int, float]]:
@@ -242,9 +227,9 @@ def replay_orders(values: Values, finals: Mapping[Hashable, float] | pd.Series, 
 
 def _measured(curves: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
     """The curves without the last report of each penalized trial (diverged, infeasible: see
-    `schema.PENALIZED`): that value is the penalty the searcher was told, not a BPB measured at that
+    `PENALIZED`): that value is the penalty the searcher was told, not a BPB measured at that
     step. The report is last in the trial's rows (the tables keep the order reports were made)."""
-    penalized = trials["status"].isin(schema.PENALIZED).fillna(False).astype(bool).to_numpy()
+    penalized = trials["status"].isin(PENALIZED).fillna(False).astype(bool).to_numpy()
     curves = curves.reset_index(drop=True)
     rows = curves[curves["trial_id"].isin(set(trials.loc[penalized, "trial_id"])).to_numpy()]
     return curves.drop(index=rows.groupby("trial_id", sort=False).tail(1).index)
@@ -351,15 +336,15 @@ def _replay_setting(values: pd.DataFrame, finals: pd.Series, rungs: Sequence[int
     return {**_numeric(replay_summary(replayed, *costs, budget)), "orders": 1}
 
 
-def sweep_replays(curves: pd.DataFrame, trials: pd.DataFrame, rungs: Sequence[int], fidelity: str = "snapshot",
+def sweep_replays(curves: pd.DataFrame, trials: pd.DataFrame, rungs: Sequence[int], fidelity: Fidelity = SNAPSHOT,
                   probe_steps: int = 0, orders: int = 100, seed: int = 0) -> pd.DataFrame:
     """`replay_sweep` over the settings a sweep's own records allow: every recorded rung below the budget
     as the first rung, reduction factors 2, 3 and 4, on the sweep's rung values (and, in a probe-mode
     sweep, on the snapshot values it recorded beside them). Every trial that recorded a value takes
     part, pruned ones with the rung values they reached (see `replay_sweep`). Rows whose milestones
     were not recorded are left out."""
-    columns = [("val_bpb", fidelity)] + ([("snapshot_bpb", "snapshot")] if fidelity == "probe" else [])
-    grid = [Setting(g, rf, col, fid) for col, fid in columns for g in rungs[:-1] for rf in (2, 3, 4)]
+    grid = [Setting(g, rf, col, fid.name) for col, fid in fidelity.recorded_columns() for g in rungs[:-1]
+            for rf in (2, 3, 4)]
     if not grid or trials["trial_steps"].dropna().empty:  # no rung below the budget, or no trial yet
         return pd.DataFrame()
     out = replay_sweep(curves, trials, grid, probe_steps=probe_steps, orders=orders, seed=seed)

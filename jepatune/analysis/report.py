@@ -21,14 +21,20 @@ from typing import Any
 import pandas as pd
 
 from jepatune.analysis import ablation, explore, plots, schema
+from jepatune.analysis.tables import Tables, load
 from jepatune.atomic import atomic_path, atomic_write_text, unwritable_ancestor
 from jepatune.errors import JepatuneError
-from jepatune.search.sweep import SETTINGS_NAME  # a light module: no Ray, no torch
+from jepatune.experiment.layout import (
+    ABLATION_NAME,
+    ABLATIONS_DIR,
+    FIGURES_DIR,
+    FINAL_RUNS,
+    REPORT_NAME,
+    SETTINGS_NAME,
+    read_jsonl,
+)
+from jepatune.experiment.settings import read_metadata, read_settings
 
-REPORT_NAME = "report.md"
-FIGURES_DIR = "report"
-ABLATION_NAME = ablation.SETTINGS_NAME
-ABLATIONS_DIR = "ablations"
 LEADERBOARD_ROWS = 10
 PROGRESS_AFTER_S = 2.0  # a report slower than this (a big or busy sweep) logs each figure it saves
 
@@ -121,9 +127,9 @@ def write_report(folder: str | os.PathLike, *, log: Callable[[str], None] | None
 # --- a sweep -------------------------------------------------------------------------------------
 
 def _sweep_report(folder: Path, r: _Report) -> None:
-    meta = json.loads((folder / SETTINGS_NAME).read_text())
+    meta = read_metadata(folder)
     settings, rungs = meta.get("settings", {}), [int(x) for x in meta.get("rungs", [])]
-    tables = explore.load(folder)
+    tables = load(folder)
     trials = tables.trials
     counts = trials["status"].value_counts().to_dict()
     r.text(f"# Sweep report: {folder.name}", "",
@@ -168,7 +174,7 @@ def _leaderboard(r: _Report, trials: pd.DataFrame) -> None:
     r.table(board)
 
 
-def _curves(r: _Report, tables: explore.Tables, rungs: list[int]) -> None:
+def _curves(r: _Report, tables: Tables, rungs: list[int]) -> None:
     r.section("Learning curves")
     if tables.curves["val_bpb"].notna().sum() == 0:
         r.missing("no trial has reported yet")
@@ -179,7 +185,7 @@ def _curves(r: _Report, tables: explore.Tables, rungs: list[int]) -> None:
 def _by_param(r: _Report, trials: pd.DataFrame) -> None:
     r.section("BPB against each searched hyperparameter")
     knobs = explore.knob_columns(trials)
-    if not knobs or explore._completed(trials).empty:
+    if not knobs or explore.completed_trials(trials).empty:
         r.missing("no completed trial yet" if knobs else "no searched hyperparameter in the trials table")
         return
     r.figure("params.png", plots.bpb_by_param(trials), "BPB against each hyperparameter")
@@ -203,7 +209,7 @@ def _importance(r: _Report, trials: pd.DataFrame) -> None:
     except JepatuneError as e:
         r.missing(str(e))
         return
-    n = len(explore._completed(trials))
+    n = len(explore.completed_trials(trials))
     r.text(f"Optuna's PED-ANOVA over the {n} completed trials: how much each knob separates the best trials "
            "from the rest." + (f" With {n} trials this is a hint at most: a knob's importance moves a lot with each "
                                "trial added until there are a few tens." if n < 20 else ""), "")
@@ -211,10 +217,10 @@ def _importance(r: _Report, trials: pd.DataFrame) -> None:
     r.figure("importance.png", plots.importance_bars(imp), "importance")
 
 
-def _rungs(r: _Report, tables: explore.Tables) -> None:
+def _rungs(r: _Report, tables: Tables) -> None:
     r.section("Rung correlation")
     rungs = explore.rung_correlation(tables.trials, tables.curves, tables.decisions)
-    if rungs.empty or explore._completed(tables.trials).empty:
+    if rungs.empty or explore.completed_trials(tables.trials).empty:
         r.missing("no ASHA rung reached yet" if rungs.empty else "no completed trial to compare the rungs with yet")
         return
     few = int(rungs["n"].max()) if len(rungs) else 0
@@ -227,7 +233,7 @@ def _rungs(r: _Report, tables: explore.Tables) -> None:
     r.figure("rungs.png", plots.rung_scatter(tables.trials, tables.curves, rungs), "rung correlation")
 
 
-def _audits(r: _Report, tables: explore.Tables, settings: dict[str, Any]) -> None:
+def _audits(r: _Report, tables: Tables, settings: dict[str, Any]) -> None:
     r.section("False stops (audit trials)")
     audit = explore.false_stops(tables.trials)
     if not audit.loc[0, "audited"]:
@@ -248,12 +254,11 @@ def _audits(r: _Report, tables: explore.Tables, settings: dict[str, Any]) -> Non
     r.table(audit)
 
 
-def _replay_table(tables: explore.Tables, folder: Path) -> pd.DataFrame:
+def _replay_table(tables: Tables, folder: Path) -> pd.DataFrame:
     from jepatune.analysis.replay import sweep_replays
-    from jepatune.search.sweep import read_settings
 
     s = read_settings(folder)
-    return sweep_replays(tables.curves, tables.trials, s.rungs, s.fidelity, s.probe_length)
+    return sweep_replays(tables.curves, tables.trials, s.rungs, s.rung_fidelity, s.probe_length)
 
 
 def _replays(r: _Report, replays: pd.DataFrame) -> None:
@@ -301,7 +306,7 @@ def _pruning_sentence(replays: pd.DataFrame, rungs: list[int]) -> str | None:
     return text + "."
 
 
-def _conclusion(r: _Report, folder: Path, tables: explore.Tables, settings: dict[str, Any],
+def _conclusion(r: _Report, folder: Path, tables: Tables, settings: dict[str, Any],
                 replays: pd.DataFrame, rungs: list[int]) -> None:
     """The report's first statement: which recipe to use, by how much and how sure; then the next steps."""
     from jepatune.analysis.finalists import conclusion, trial_to_final_spearman
@@ -320,7 +325,7 @@ def _conclusion(r: _Report, folder: Path, tables: explore.Tables, settings: dict
                       "excess_drift"].mean()
     bullets = [f"- Recipe: `{folder / 'best.toml'}` (`jepatune train --config {folder / 'best.toml'}` trains it "
                "again).",
-               f"- Next: `jepatune ablate --sweep {folder} --preset jepa-vs-ce --seeds 5` measures what the "
+               f"- Next: `jepatune ablate --sweep {folder} --variants jepa-vs-ce --seeds 5` measures what the "
                "winner's curriculum is worth, one change at a time."]
     if pd.notna(curse):
         spread = table["std"].dropna()
@@ -335,7 +340,7 @@ def _conclusion(r: _Report, folder: Path, tables: explore.Tables, settings: dict
         r.text(f"- Pruning: {pruning}")
 
 
-def _finalists(r: _Report, tables: explore.Tables, folder: Path) -> None:
+def _finalists(r: _Report, tables: Tables, folder: Path) -> None:
     from jepatune.analysis.finalists import trial_to_final_spearman
 
     r.section("Finalists, retrained out of sample")
@@ -360,8 +365,6 @@ def _finalists(r: _Report, tables: explore.Tables, folder: Path) -> None:
 
 def retrain_curves(folder: Path, final: pd.DataFrame) -> pd.DataFrame:
     """(recipe, seed, step, val_bpb) of each run of the newest retrain, from its metrics.jsonl."""
-    from jepatune.analysis.tables import FINAL_RUNS, read_jsonl
-
     rows, runs = [], folder / Path(FINAL_RUNS).parent
     for run in explore.newest_budget(final).drop_duplicates(["recipe", "seed"], keep="last").itertuples():
         for m in read_jsonl(runs / f"{run.recipe}-seed{run.seed}" / "metrics.jsonl"):

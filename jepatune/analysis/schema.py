@@ -53,12 +53,6 @@ ABLATION = {
 ABLATION_TABLES = {"ablation_runs": ABLATION_RUNS, "ablation": ABLATION}
 # Run statuses of an ablation: scored / non-finite loss / raised an error.
 ABLATION_STATUSES = ("completed", "diverged", "errored")
-# Trial statuses: ran its whole budget / stopped by ASHA at a rung / non-finite loss / refused
-# before training (a space constraint, or a shape over the device's memory) / failed on memory in
-# every try (the machine's: retried) / raised another error / still running when its driver stopped.
-# Statuses whose report is final although the trial did not train to its budget: the value is the
-# penalty the searcher was told (with a failed constraint), not a measured BPB.
-PENALIZED = ("diverged", "infeasible")
 
 
 def knob_dtype(py_type: object) -> str:

@@ -1,1 +1,1 @@
-"""Ray Tune + Optuna + ASHA sweeps wrapping `jepatune.trainer.train` (to come)."""
+"""Ray: the trial function, Optuna + ASHA, sweeps, retrains and ablations (see docs/architecture.md)."""

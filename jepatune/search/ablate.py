@@ -20,85 +20,27 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from ray import tune
 
-from jepatune.analysis.ablation import (
-    BASE,
-    FINISHED_DIR,
-    SETTINGS_NAME,
-    load_ablation,
-    read_plan,
-    write_ablation_tables,
-)
+from jepatune.analysis.ablation import BASE, load_ablation, read_plan, write_ablation_tables
+from jepatune.analysis.tables import load_tables
 from jepatune.atomic import atomic_write_text
 from jepatune.errors import ConfigError, JepatuneError
-from jepatune.search.retrain import BEST_NAME, best_trial, recipe_config, reference_of
-from jepatune.search.sweep import _ensure_ray, _git_commit, _versions, base_config, read_settings
-from jepatune.search.trainable import KNOBS, config_key, trial_resources
-from jepatune.trainer.config import PRESETS as MODEL_PRESETS
-from jepatune.trainer.config import REGULARIZERS, TrainConfig, load_config
+from jepatune.experiment.layout import ABLATION_NAME, BEST_NAME, CACHE_DIR
+from jepatune.experiment.settings import AblationSettings, base_config, provenance, read_settings
+from jepatune.experiment.trials import KNOBS, config_key
+from jepatune.search.retrain import best_trial, recipe_config, reference_of
+from jepatune.search.sweep import ensure_ray
+from jepatune.search.trainable import trial_resources
+from jepatune.trainer.config import PRESETS, REGULARIZERS, TrainConfig, load_config
 
-PRESETS = {
-    "jepa-vs-ce": "the curriculum vs cross-entropy from step 0 (ce-only) and vs JEPA with no bridge (no-bridge)",
-    "regularizer": "regularizer=none, varcov (the reference's) and lejepa (SIGReg)",
-    "swa": "no SWA vs the reference's start (with the CE stage) vs the sweep's searched start",
-}
 # Knobs that are not factors of an ablation, and where they are set instead.
 NOT_FACTORS = {"seed": "--seeds (runs are paired by seed)", "data_path": "--data"}
-
-
-@dataclass(frozen=True)
-class AblationSettings:
-    """One ablation. `base`: "best" (the sweep's best recipe), "reference", or a TOML recipe file."""
-
-    base: str | None = None  # default: best with a sweep, else reference
-    factors: tuple[str, ...] = ()  # "KEY=V1,V2": one variant per value
-    presets: tuple[str, ...] = ()  # names of PRESETS
-    sweep: str | None = None  # a sweep folder: the best recipe, the searched SWA start
-    data: str | None = None  # byte-shard folder (default: the base recipe's)
-    model_preset: str | None = None  # the model shape of --base reference: tiny, demo, reference
-    overrides: dict[str, Any] = field(default_factory=dict)  # knobs of the base, hence of every variant
-    seeds: int = 3
-    steps: int = 0  # each run's budget; 0 = the base recipe's iterations
-    out: str | None = None  # default: SWEEP/ablations with a sweep, else runs/ablations
-    name: str | None = None  # default: the preset names, else "ablation"
-    concurrency: int = 2
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    max_failures: int = 1
-
-    @property
-    def base_kind(self) -> str:
-        return self.base or ("best" if self.sweep else "reference")
-
-    @property
-    def folder(self) -> Path:
-        out = self.out or (str(Path(self.sweep) / "ablations") if self.sweep else "runs/ablations")
-        return Path(out).resolve() / (self.name or "_".join(self.presets) or "ablation")
-
-    def validate(self) -> None:
-        for key, low in (("seeds", 1), ("steps", 0), ("concurrency", 1), ("max_failures", 0)):
-            if getattr(self, key) < low:
-                raise JepatuneError(f"--{key.replace('_', '-')}={getattr(self, key)}: must be at least {low}")
-        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
-            raise JepatuneError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
-        for preset in self.presets:
-            if preset not in PRESETS:
-                raise JepatuneError(f"--preset {preset!r} is unknown; choose one of {', '.join(PRESETS)}")
-        if not self.presets and not self.factors:
-            raise JepatuneError("nothing to ablate: give --preset NAME or --factor KEY=V1,V2")
-        if self.base_kind == "best" and self.sweep is None:
-            raise JepatuneError("--base best needs --sweep DIR, the sweep folder whose best recipe is the base")
-        if self.base_kind == "reference" and self.data is None and self.sweep is None:
-            raise JepatuneError("--base reference needs --data DIR (a byte-shard folder) or --sweep DIR")
-        if self.model_preset is not None and self.model_preset not in MODEL_PRESETS:
-            raise JepatuneError(f"--model-preset {self.model_preset!r} is unknown; choose one of "
-                                f"{', '.join(sorted(MODEL_PRESETS))}")
 
 
 @dataclass(frozen=True)
@@ -112,8 +54,6 @@ class Variant:
 
 def sweep_best(folder: str | os.PathLike) -> TrainConfig:
     """A sweep's best recipe: its best.toml (the winner of its retrain), else its best completed trial."""
-    from jepatune.analysis.tables import load_tables
-
     settings = read_settings(folder)  # a clear error when it is not a sweep
     if (path := settings.folder / BEST_NAME).is_file():
         return load_config(path)
@@ -130,8 +70,8 @@ def load_base(settings: AblationSettings) -> tuple[TrainConfig, TrainConfig | No
     if kind == "best":
         config = best
     elif kind == "reference":
-        if settings.model_preset is not None:
-            config = load_config(None, MODEL_PRESETS[settings.model_preset])
+        if settings.preset is not None:
+            config = load_config(None, PRESETS[settings.preset])
         else:  # the reference recipe at the sweep's shape, or the reference's own
             config = reference_of(best) if best is not None else TrainConfig()
     elif Path(kind).is_file():
@@ -156,13 +96,13 @@ def _change(knobs: dict[str, Any]) -> str:
     return ", ".join(f"{k}={_fmt(v)}" for k, v in knobs.items())
 
 
-def preset_variants(preset: str, base: TrainConfig, searched: TrainConfig | None,
-                    log=print) -> list[tuple[str, dict[str, Any]]]:
-    """(name, knobs) of each variant of a preset."""
-    if preset == "jepa-vs-ce":
+def set_variants(name: str, base: TrainConfig, searched: TrainConfig | None,
+                 log=print) -> list[tuple[str, dict[str, Any]]]:
+    """(name, knobs) of each variant of a built-in set (`VARIANT_SETS`)."""
+    if name == "jepa-vs-ce":
         return [("ce-only", {"jepa_pure_frac": 0.0, "ce_pure_frac": 0.0}),
                 ("no-bridge", {"ce_pure_frac": base.jepa_pure_frac})]
-    if preset == "regularizer":
+    if name == "regularizer":
         return [(f"regularizer={r}", {"regularizer": r}) for r in REGULARIZERS]
     variants = [("no-swa", {"swa_enabled": False}), ("swa-reference", {"swa_enabled": True, "swa_start_frac": None})]
     if searched is None:
@@ -215,7 +155,7 @@ def plan_variants(settings: AblationSettings, log=print) -> tuple[Variant, ...]:
     settings.validate()
     base, searched = load_base(settings)
     base = recipe_config(base, {"max_wallclock_seconds": 0.0}, settings.steps or base.iterations)
-    candidates = [v for p in settings.presets for v in preset_variants(p, base, searched, log)]
+    candidates = [v for n in settings.variant_sets for v in set_variants(n, base, searched, log)]
     candidates += [v for text in settings.factors for v in factor_variants(text, base)]
     kept = [Variant(BASE, "", base)]
     seen = {_behaviour(base): BASE}
@@ -314,7 +254,7 @@ class RunLines(tune.Callback):
 def _tuner(settings: AblationSettings, variants: tuple[Variant, ...], folder: Path):
     trainable = tune.with_resources(
         tune.with_parameters(ablation_run, configs={v.name: v.config.to_dict() for v in variants},
-                             cache_dir=str(folder / FINISHED_DIR)),
+                             cache_dir=str(folder / CACHE_DIR)),
         trial_resources(settings.cpus_per_trial, settings.gpus_per_trial))
     return tune.Tuner(
         trainable,
@@ -329,8 +269,7 @@ def _tuner(settings: AblationSettings, variants: tuple[Variant, ...], folder: Pa
 
 def _restore(folder: Path) -> tuple[AblationSettings, tuple[Variant, ...]]:
     stored = read_plan(folder)
-    settings = AblationSettings(**{**stored["settings"], "factors": tuple(stored["settings"]["factors"]),
-                                   "presets": tuple(stored["settings"]["presets"])})
+    settings = AblationSettings.from_record(stored["settings"])
     variants = tuple(Variant(v["name"], v["change"], TrainConfig.from_dict(v["config"])) for v in stored["variants"])
     return settings, variants
 
@@ -349,22 +288,21 @@ def run_ablation(settings: AblationSettings, *, resume: bool = False, log=print)
     base = variants[0].config
     check_data(base.data_path, base.train_seq_len, base.val_tokens)
     plan = plan_json(settings, variants)
-    if (folder / SETTINGS_NAME).exists():
+    if (folder / ABLATION_NAME).exists():
         if not _same_plan(read_plan(folder), plan):
             raise JepatuneError(f"{folder} holds another ablation (other variants or seeds); continue it with "
                                 f"--resume, or choose another --name or --out")
     else:
-        meta = {**plan, "versions": _versions(), "git_commit": _git_commit(),
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        atomic_write_text(folder / SETTINGS_NAME, json.dumps(meta, indent=1) + "\n")
-    finished = sum((folder / FINISHED_DIR / f"{r['config_key']}.json").exists() for r in plan["runs"])
+        meta = {**plan, **provenance()}
+        atomic_write_text(folder / ABLATION_NAME, json.dumps(meta, indent=1) + "\n")
+    finished = sum((folder / CACHE_DIR / f"{r['config_key']}.json").exists() for r in plan["runs"])
     log(f"{len(variants)} variants x {settings.seeds} seeds at {plan['steps']} steps: {len(plan['runs'])} runs, "
         f"{finished} finished before; folder {folder}")
     for v in variants:
         log(f"  {v.name}: {v.change or '(the base recipe)'}")
     if finished < len(plan["runs"]):  # else no Ray at all: the tables are rebuilt from the folder
         os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-        _ensure_ray()
+        ensure_ray()
         _tuner(settings, variants, folder).fit()
     write_ablation_tables(folder)
     return load_ablation(folder)[0]

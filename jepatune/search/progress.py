@@ -8,8 +8,7 @@ import time
 
 from ray.tune import Callback
 
-from jepatune.analysis.schema import PENALIZED
-from jepatune.search.trainable import METRIC, TIME_ATTR
+from jepatune.experiment.trials import METRIC, PENALIZED, TIME_ATTR
 
 
 class TrialLines(Callback):

@@ -10,7 +10,6 @@ several workers through Ray Train's `TorchTrainer` (DDP) instead.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -19,13 +18,14 @@ from typing import Any
 
 import pandas as pd
 
+from jepatune.analysis import schema
+from jepatune.analysis.explore import compare_final
+from jepatune.analysis.tables import write_parquet
 from jepatune.atomic import atomic_write_text
 from jepatune.errors import ConfigError, JepatuneError
+from jepatune.experiment.layout import BEST_NAME, FINAL_DIR, RUNS_NAME, TABLES_DIR, append_jsonl, read_jsonl
+from jepatune.experiment.trials import config_key
 from jepatune.trainer.config import TrainConfig
-
-FINAL_DIR = "final"
-RUNS_NAME = "runs.jsonl"
-BEST_NAME = "best.toml"
 
 
 def best_trial(trials: pd.DataFrame) -> pd.Series:
@@ -83,15 +83,10 @@ def retrain_recipe(config: TrainConfig, out: Path, seeds: int, cpus: float = 1.0
                    log=print) -> pd.DataFrame:
     """`jepatune retrain CONFIG`: the config and its reference (same shape, data and budget), `seeds`
     seeds each in parallel; rows in OUT/final/runs.jsonl and OUT/tables/final.parquet."""
-    from jepatune.analysis import schema
-    from jepatune.analysis.tables import TABLES_DIR, write_parquet
-
     frame = retrain(out, {"recipe": config, "reference": reference_of(config)}, retrain_seeds(config.seed, seeds),
                     cpus, gpus, log=log)
     write_parquet(pd.DataFrame(frame, columns=list(schema.FINAL)).astype(schema.FINAL),
                   out / TABLES_DIR / "final.parquet")
-    from jepatune.analysis.explore import compare_final
-
     return compare_final(frame)
 
 
@@ -112,8 +107,6 @@ def retrain(folder: Path, runs: dict[str, TrainConfig], seeds: Sequence[int], cp
     """Train every recipe in `runs` with each of `seeds` in parallel, skipping runs finished before;
     return the final table rows of these runs. `about` adds columns to a recipe's rows (its trial)."""
     import ray
-
-    from jepatune.search.trainable import config_key
 
     final_dir = folder / FINAL_DIR
     final_dir.mkdir(parents=True, exist_ok=True)
@@ -139,7 +132,7 @@ def retrain(folder: Path, runs: dict[str, TrainConfig], seeds: Sequence[int], cp
                                                "avg_q_bpb", "artifact_bytes", "total_bytes", "fits_cap",
                                                "elapsed_s")},
                **(about or {}).get(recipe, {})}
-        _append_row(final_dir / RUNS_NAME, row)  # kept as soon as it ends
+        append_jsonl(final_dir / RUNS_NAME, row)  # kept as soon as it ends
         log(f"  retrain {recipe} seed {seed}: val_bpb {row['val_bpb']:.4f} after the int8+zlib round trip "
             f"({time.perf_counter() - t0:.0f}s, {len(pending)} left)")
     rows = [r for r in _read_runs(final_dir) if _run_key(r["recipe"], r["seed"], r.get("config_key")) in wanted]
@@ -150,19 +143,7 @@ def _run_key(recipe: str, seed: int, key: str | None) -> tuple[str, int, str | N
     return recipe, int(seed), key
 
 
-def _append_row(path: Path, row: dict[str, Any]) -> None:
-    """Append one JSON line in one write, synced. A line cut by an earlier crash (no final newline)
-    is ended first, so it stays one unreadable line (skipped) instead of spoiling this one."""
-    with open(path, "a+b") as f:
-        cut = f.seek(0, os.SEEK_END) > 0 and f.seek(-1, os.SEEK_END) >= 0 and f.read(1) != b"\n"
-        f.write((b"\n" if cut else b"") + json.dumps(row).encode() + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _read_runs(final_dir: Path) -> list[dict[str, Any]]:
-    from jepatune.analysis.tables import read_jsonl
-
     return read_jsonl(final_dir / RUNS_NAME)
 
 
@@ -177,7 +158,8 @@ def _ddp_loop(loop_config: dict[str, Any]) -> None:
 
     import ray.train
 
-    from jepatune.trainer.loop import setup_runtime, train
+    from jepatune.trainer.loop import train
+    from jepatune.trainer.runtime import setup_runtime
 
     config = TrainConfig.from_dict(loop_config["config"])
     if config.device == "cuda":  # the GPU Ray gave this worker; setup_runtime takes cuda:LOCAL_RANK

@@ -13,7 +13,6 @@ pruned trial) and never enters ASHA's cut-offs.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -23,13 +22,11 @@ import optuna
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from jepatune.analysis.schema import PENALIZED
-from jepatune.analysis.tables import read_jsonl
-from jepatune.search.trainable import METRIC, TIME_ATTR
+from jepatune.experiment.layout import append_jsonl, read_jsonl
+from jepatune.experiment.trials import METRIC, PENALIZED, TIME_ATTR
 from jepatune.spaces import FAILURE_CONSTRAINT
 
 log = logging.getLogger(__name__)
-DECISIONS_NAME = "decisions.jsonl"
 
 
 class RungAwareOptunaSearch(OptunaSearch):
@@ -212,6 +209,5 @@ class RecordingASHA(ASHAScheduler):
                "value": float(result[self._metric]), "cutoff": cutoff, "decision": decision, "time": time.time()}
         path = Path(self.decisions_path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:  # one line, appended whole
-            f.write(json.dumps(row) + "\n")
+        append_jsonl(path, row)
 

@@ -9,7 +9,6 @@ reports its result instead of training again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -17,56 +16,23 @@ import shutil
 import socket
 import tempfile
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from ray import tune
 
 from jepatune.atomic import atomic_write_text
+from jepatune.experiment.fidelity import SNAPSHOT, Fidelity
+from jepatune.experiment.trials import METRIC, PENALTY_BPB, TIME_ATTR, config_key, trial_config, trial_key
 from jepatune.spaces import memory_violation
 from jepatune.trainer.checkpoint import CHECKPOINT_NAME
 from jepatune.trainer.config import TrainConfig
 
-METRIC = "val_bpb"
-TIME_ATTR = "step"
 RESTART_STATE = "restart_state.json"
-# Reported instead of a real BPB when a trial diverges or is infeasible: worse than the
-# uniform model's 8 bits, finite so ASHA and Optuna can rank it (NaN would stall both).
-PENALTY_BPB = 10.0
 RESULT_NAME = "trial_result.json"
 # Test hook: a path; the first trial to start training while no file is there creates it and fails
 # with an allocation error, as a machine out of memory would (tests of the retry and of resume).
 INJECT_OOM_ENV = "JEPATUNE_INJECT_OOM"
-KNOBS = frozenset(f.name for f in fields(TrainConfig))
-
-
-def asha_milestones(fidelity: str, rungs: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
-    """(time attribute, milestones ending with the budget) that ASHA judges trials at. A `restart`
-    trial retrains at each rung, so its clock counts every step spent: it reaches rung k after
-    r1 + ... + rk steps."""
-    if fidelity == "restart":
-        return "compute_steps", tuple(sum(rungs[: k + 1]) for k in range(len(rungs)))
-    return TIME_ATTR, rungs
-
-
-def trial_config(base: dict[str, Any], suggestion: dict[str, Any], trial_steps: int,
-                 rungs: tuple[int, ...], probe_steps: int = 0) -> TrainConfig:
-    """The base recipe with the searcher's knobs, evaluated exactly at the rungs."""
-    knobs = {k: v for k, v in suggestion.items() if k in KNOBS}
-    return TrainConfig.from_dict({**base, **knobs, "iterations": trial_steps, "eval_steps": rungs,
-                                  "val_loss_every": 0, "max_wallclock_seconds": 0.0, "probe_steps": probe_steps})
-
-
-def config_key(config: TrainConfig) -> str:
-    """A stable name for a trial's recipe: the same recipe finds the same cached result."""
-    text = json.dumps({k: v for k, v in config.to_dict().items() if k != "data_path"}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
-
-
-def trial_key(config: TrainConfig, fidelity: str) -> str:
-    """A trial's cache key: a restart trial's values differ from a snapshot trial's of the same recipe."""
-    return config_key(config) + ("-restart" if fidelity == "restart" else "")
 
 
 def estimated_flops(config: TrainConfig, params: int, tokens: int) -> float:
@@ -83,7 +49,7 @@ def _report_if_finished(result_file: Path) -> bool:
 
 
 def run_trial(suggestion: dict[str, Any], *, base: dict[str, Any], trial_steps: int, rungs: tuple[int, ...],
-              cache_dir: str, checkpoint_every: int = 1, fidelity: str = "snapshot", probe_steps: int = 0) -> None:
+              cache_dir: str, checkpoint_every: int = 1, fidelity: Fidelity = SNAPSHOT, probe_steps: int = 0) -> None:
     """The function Ray runs for each trial (see module docstring). A checkpoint travels with
     every `checkpoint_every`-th rung's report and always with the last. Every report carries
     `compute_steps`, the optimiser steps the trial has spent (probe branches and restarts included)."""
@@ -92,7 +58,7 @@ def run_trial(suggestion: dict[str, Any], *, base: dict[str, Any], trial_steps: 
         tune.report({METRIC: PENALTY_BPB, TIME_ATTR: 0, "tokens": 0, "status": "infeasible",
                      "reason": suggestion["_infeasible"], "trial_steps": trial_steps, "node": node})
         return
-    config = trial_config(base, suggestion, trial_steps, rungs, probe_steps if fidelity == "probe" else 0)
+    config = trial_config(base, suggestion, trial_steps, rungs, probe_steps)
     if (reason := memory_violation(config, device_memory_bytes(config.device))) is not None:
         tune.report({METRIC: PENALTY_BPB, TIME_ATTR: 0, "tokens": 0, "status": "infeasible", "reason": reason,
                      "trial_steps": trial_steps, "node": node, "config_key": config_key(config)})
@@ -100,8 +66,8 @@ def run_trial(suggestion: dict[str, Any], *, base: dict[str, Any], trial_steps: 
     cache = Path(cache_dir) / f"{trial_key(config, fidelity)}.json"
     if _report_if_finished(cache):
         return
-    if fidelity == "restart":
-        _run_restart(config, rungs, cache, node)
+    if fidelity.restarts:
+        _run_restart(config, rungs, cache, node, fidelity)
         return
 
     checkpoint = tune.get_checkpoint()
@@ -177,7 +143,7 @@ def out_of_memory(error: BaseException) -> str | None:
     return "out of memory: " + text.split("] ", 1)[-1][:300]  # without the allocator's source location
 
 
-def _run_restart(config: TrainConfig, rungs: tuple[int, ...], cache: Path, node: str) -> None:
+def _run_restart(config: TrainConfig, rungs: tuple[int, ...], cache: Path, node: str, fidelity: Fidelity) -> None:
     """The `restart` fidelity: at each rung, a fresh run of the whole curriculum compressed to the
     rung's budget; its last evaluation is the rung's value. A checkpoint after each rung records
     how far the trial got, so a restarted trial goes on with the next rung."""
@@ -200,7 +166,7 @@ def _run_restart(config: TrainConfig, rungs: tuple[int, ...], cache: Path, node:
             spent += result.step
             out = {**_common({**result.summary, "compute_steps": spent, "tokens": spent * config.train_batch_tokens},
                              config, node, rungs[-1], started),
-                   TIME_ATTR: budget, "rung_budget": budget, "config_key": trial_key(config, "restart")}
+                   TIME_ATTR: budget, "rung_budget": budget, "config_key": trial_key(config, fidelity)}
             if result.status == "diverged":
                 out.update({METRIC: PENALTY_BPB, "status": "diverged"})
                 atomic_write_text(cache, json.dumps(out))

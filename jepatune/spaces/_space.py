@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,14 +171,3 @@ class Space:
             return CONFIG_VIOLATION, str(e)
         broken = self.check(config) if self.check else None
         return (0.0, None) if broken is None else broken
-
-
-def check_knobs(space_name: str, names: Sequence[str]) -> None:
-    """Raise SpaceError for a name that is not a TrainConfig knob."""
-    import difflib
-
-    for name in names:
-        if name not in KNOBS:
-            close = difflib.get_close_matches(name, sorted(KNOBS), n=1)
-            hint = f"did you mean {close[0]!r}?" if close else "`jepatune train --help-config` lists the knobs"
-            raise SpaceError(f"space {space_name!r}: {name!r} is not a TrainConfig knob; {hint}")

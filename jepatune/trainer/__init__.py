@@ -10,10 +10,9 @@ Names are loaded on first use, so importing the package does not import torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from jepatune.lazy import lazy_exports
 
-_EXPORTS = {
+__getattr__, __all__ = lazy_exports(__name__, {
     "TrainConfig": "jepatune.trainer.config",
     "load_config": "jepatune.trainer.config",
     "apply_overrides": "jepatune.trainer.config",
@@ -21,12 +20,4 @@ _EXPORTS = {
     "GPT": "jepatune.trainer.model",
     "train": "jepatune.trainer.loop",
     "TrainResult": "jepatune.trainer.loop",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'jepatune.trainer' has no attribute {name!r}")
+})

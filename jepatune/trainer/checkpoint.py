@@ -2,7 +2,8 @@
 
 A checkpoint holds the model, every optimiser's state, the SWA average, the data
 position, the RNG states, the step and the training time. It is written atomically and
-read with `torch.load(weights_only=True)`, so a file from elsewhere cannot run code.
+read with `torch.load(weights_only=True)`, so a file from elsewhere cannot run code. A run
+resumes only from a checkpoint of its own recipe.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from typing import Any
 import torch
 
 from jepatune.atomic import atomic_path
-from jepatune.errors import ExportError
+from jepatune.errors import ConfigError, ExportError
 
 CHECKPOINT_FORMAT = "jepatune-checkpoint-v1"
 CHECKPOINT_NAME = "checkpoint.pt"
+# Knobs that may differ between a checkpoint and the run resuming from it.
+RESUME_FREE_KNOBS = {"data_path", "device", "compile", "train_log_every", "val_batch_size"}
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
@@ -59,6 +62,20 @@ def _reason(error: BaseException) -> str:
         text = text.split("WeightsUnpickler error:", 1)[1]
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[0].split(". ")[0].rstrip(".")[:300] if lines else type(error).__name__
+
+
+def check_same_recipe(path: Path, saved: dict[str, Any], config: dict[str, Any]) -> None:
+    """Refuse to resume from `path`, whose run had the config `saved`, a run of `config` that differs
+    in a knob outside RESUME_FREE_KNOBS."""
+    differ = sorted(k for k in config if k not in RESUME_FREE_KNOBS and _norm(saved.get(k)) != _norm(config[k]))
+    if differ:
+        k = differ[0]
+        raise ConfigError(f"cannot resume from {path}: {k}={saved.get(k)!r} there but {config[k]!r} here; "
+                          f"resume with the config it was trained with, or start a fresh run")
+
+
+def _norm(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v
 
 
 def rng_state() -> dict[str, Any]:

@@ -24,6 +24,7 @@ from jepatune.errors import ConfigError, JepatuneError
 REGULARIZERS = ("varcov", "lejepa", "none")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
+RETIRED_KNOBS = frozenset({"ce_weight"})  # knobs that did nothing, removed
 
 
 def knob(default: Any, help: str) -> Any:
@@ -96,7 +97,6 @@ class TrainConfig:
     lejepa_positions: int = knob(8192, "lejepa: random positions per micro-batch it is computed on; 0 = all")
     jepa_pure_frac: float = knob(0.10, "end of stage 1 (pure JEPA) as a fraction of the budget")
     ce_pure_frac: float = knob(0.80, "end of stage 2 (bridge) / start of stage 3 (pure CE)")
-    ce_weight: float = knob(0.1, "CE weight of the compile warm-up steps only (as the reference)")
 
     # --- SWA (an EMA of weights) ----------------------------------------------------------
     swa_enabled: bool = knob(True, "keep an EMA of the weights and export it")
@@ -130,7 +130,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         types_ = _field_types()
         for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), types_[f.name])
+            check_type(f.name, getattr(self, f.name), types_[f.name])
         _validate(self)
 
     # --- derived values, so no caller recomputes them differently ------------------------
@@ -147,8 +147,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """Defaults updated by `values` (as read from JSON or TOML: lists become tuples)."""
-        return apply_overrides(cls(), values)
+        """Defaults updated by `values` (as read from JSON or TOML: lists become tuples). Retired knobs,
+        which configs stored by older versions hold, are dropped."""
+        return apply_overrides(cls(), {k: v for k, v in values.items() if k not in RETIRED_KNOBS})
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -179,7 +180,7 @@ def _validate(c: TrainConfig) -> None:
         need(getattr(c, key) > 0, key, "must be positive")
     for key in ("val_tokens", "val_loss_every", "train_log_every", "probe_steps", "warmdown_iters", "warmup_steps",
                 "muon_momentum_warmup_steps", "lejepa_positions", "max_wallclock_seconds", "grad_clip_norm",
-                "jepa_weight", "sigreg_weight", "varcov_cov_weight", "ce_weight", "embed_lr", "head_lr",
+                "jepa_weight", "sigreg_weight", "varcov_cov_weight", "embed_lr", "head_lr",
                 "tied_embed_lr", "matrix_lr", "scalar_lr", "adam_eps", "tied_embed_init_std"):
         need(getattr(c, key) >= 0, key, "must not be negative")
     need(c.vocab_size <= 65_536, "vocab_size", "must fit the uint16 shard format (<= 65536)")
@@ -216,7 +217,7 @@ def _unknown_key(key: str) -> ConfigError:
     return ConfigError(f"unknown config key {key!r}{hint}")
 
 
-def _check_type(key: str, value: Any, tp: Any) -> None:
+def check_type(key: str, value: Any, tp: Any) -> None:
     options = typing.get_args(tp) if isinstance(tp, types.UnionType) else (tp,)
     for option in options:
         if option is type(None) and value is None:

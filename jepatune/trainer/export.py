@@ -27,7 +27,7 @@ ARTIFACT_NAME = "final_model.int8.ptz"
 SIZE_CAP_BYTES = 16_000_000  # Parameter Golf: artifact plus code
 KEEP_FLOAT_MAX_NUMEL = 65_536
 CLIP_Q = 99.99984 / 100.0  # |w| beyond this quantile (per row, or per tensor) is clipped
-_QUANTILE_MAX_N = 2**24  # torch.quantile refuses a reduced dimension longer than this
+QUANTILE_MAX_N = 2**24  # torch.quantile refuses a reduced dimension longer than this
 
 
 def _nbytes(t: Tensor) -> int:
@@ -38,14 +38,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _clip_quantile(x: Tensor) -> Tensor:
+def clip_quantile(x: Tensor) -> Tensor:
     """`torch.quantile(x, CLIP_Q, dim=-1)` (linear interpolation) for fp32 `x` of any length.
 
     Past torch's size limit, the same arithmetic is done by hand: the rank is computed in
     fp32 as torch does, and since CLIP_Q is close to 1 only the top few values are needed.
     """
     n = x.shape[-1]
-    if n <= _QUANTILE_MAX_N:
+    if n <= QUANTILE_MAX_N:
         return torch.quantile(x, CLIP_Q, dim=-1)
     rank = torch.tensor(CLIP_Q, dtype=torch.float32) * (n - 1)
     lo, hi = int(rank), min(int(torch.ceil(rank)), n - 1)
@@ -57,12 +57,12 @@ def _quantize(t: Tensor) -> tuple[Tensor, Tensor]:
     """int8 values and scales of one large float tensor: per row if 2-D, else per tensor."""
     t32 = t.float()
     if t32.ndim == 2:
-        clip = _clip_quantile(t32.abs())[:, None]
+        clip = clip_quantile(t32.abs())[:, None]
         scale = (clip / 127.0).clamp_min(1.0 / 127.0)
         # q is computed with the fp32 scale and the scale then stored fp16, as the reference does.
         q = torch.round(t32.clamp(-clip, clip) / scale).clamp(-127, 127).to(torch.int8)
         return q.contiguous(), scale.squeeze(1).to(torch.float16).contiguous()
-    clip_abs = float(_clip_quantile(t32.abs().flatten()))
+    clip_abs = float(clip_quantile(t32.abs().flatten()))
     scale = torch.tensor(clip_abs / 127.0 if clip_abs > 0 else 1.0, dtype=torch.float32)
     q = torch.round(t32.clamp(-clip_abs, clip_abs) / scale).clamp(-127, 127).to(torch.int8)
     return q.contiguous(), scale

@@ -1,4 +1,5 @@
-"""JEPA latent prediction and the two anti-collapse regularisers, as pure functions.
+"""The losses of a step in their one order (`Losses`: jepa, reg, ce), and JEPA latent prediction
+and the two anti-collapse regularisers, as pure functions.
 
 All losses are computed in fp32 whatever the autocast dtype.
 """
@@ -6,10 +7,30 @@ All losses are computed in fp32 whatever the autocast dtype.
 from __future__ import annotations
 
 import math
+from typing import Generic, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+T = TypeVar("T")
+
+
+class Losses(NamedTuple, Generic[T]):
+    """The three losses of a step (or their weights), in the one order used everywhere: the
+    reference sums them jepa + reg + ce, and a float sum's order decides its last bits."""
+
+    jepa: T
+    reg: T
+    ce: T
+
+
+LOSS_ORDER = Losses._fields
+
+
+def weighted_sum(weights: Tensor, losses: Losses[Tensor]) -> Tensor:
+    """weights . losses, summed left to right in LOSS_ORDER as the reference sums them."""
+    return weights[0] * losses.jepa + weights[1] * losses.reg + weights[2] * losses.ce
 
 
 def jepa_loss(pred: Tensor, target: Tensor) -> Tensor:

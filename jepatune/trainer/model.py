@@ -175,9 +175,9 @@ class GPT(nn.Module):
 
     def forward(self, input_ids: Tensor, target_ids: Tensor, weights: Tensor | None = None, stage: int = 3,
                 sigreg_dirs: Tensor | None = None, sigreg_rows: Tensor | None = None):
-        """Plain CE when `weights` is None (evaluation). In training, `weights` holds
-        (w_jepa, w_ce, w_reg) and `stage` says which parts to compute (1 = no CE,
-        3 = CE only); returns (total loss, tensor of the parts (ce, jepa, reg))."""
+        """Plain CE when `weights` is None (evaluation). In training, `weights` holds the loss
+        weights in LOSS_ORDER (jepa, reg, ce) and `stage` says which losses to compute (1 = no CE,
+        3 = CE only); returns (total loss, the detached losses stacked in LOSS_ORDER)."""
         h = self.hidden(input_ids)
         if weights is None:
             return self.cross_entropy(h, target_ids)
@@ -188,9 +188,8 @@ class GPT(nn.Module):
         else:
             jepa = losses.jepa_loss(self.predictor(h[:, :-1]), h[:, 1:])
             reg = self.regularization(h, sigreg_dirs, sigreg_rows)
-        # The reference's order of the sum (jepa, reg, then ce), so that the bridge's losses match it to the bit.
-        total = weights[0] * jepa + weights[2] * reg + weights[1] * ce
-        return total, torch.stack((ce.detach(), jepa.detach(), reg.detach()))
+        parts = losses.Losses(jepa, reg, ce)
+        return losses.weighted_sum(weights, parts), torch.stack([p.detach() for p in parts])
 
 
 def build_model(config: TrainConfig) -> GPT:

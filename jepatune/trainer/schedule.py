@@ -6,13 +6,13 @@ iterations, or elapsed / max_wallclock_seconds under a wall clock (as the refere
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from jepatune.trainer.losses import Losses
 
 
-class LossWeights(NamedTuple):
-    jepa: float
-    ce: float
-    reg: float
+class LossWeights(Losses[float]):
+    """The weights of the losses, in their order (jepa, reg, ce)."""
+
+    __slots__ = ()
 
     @property
     def stage(self) -> int:
@@ -22,15 +22,18 @@ class LossWeights(NamedTuple):
         return 3 if self.jepa == 0.0 and self.reg == 0.0 else 2
 
 
+CE_ONLY = LossWeights(jepa=0.0, reg=0.0, ce=1.0)  # stage 3, and the probe's cool-down
+
+
 def curriculum_weights(p: float, jepa_pure_frac: float, ce_pure_frac: float,
                        jepa_weight: float, sigreg_weight: float) -> LossWeights:
     """The reference's three stages: pure JEPA, a linear bridge to CE, pure CE."""
     if p < jepa_pure_frac:
-        return LossWeights(jepa_weight, 0.0, sigreg_weight)
+        return LossWeights(jepa=jepa_weight, reg=sigreg_weight, ce=0.0)
     if p < ce_pure_frac:
         b = (p - jepa_pure_frac) / (ce_pure_frac - jepa_pure_frac)
-        return LossWeights(jepa_weight * (1.0 - b), b, sigreg_weight * (1.0 - b))
-    return LossWeights(0.0, 1.0, 0.0)
+        return LossWeights(jepa=jepa_weight * (1.0 - b), reg=sigreg_weight * (1.0 - b), ce=b)
+    return CE_ONLY
 
 
 def lr_multiplier(step: int, iterations: int, warmdown_iters: int, elapsed_s: float = 0.0,

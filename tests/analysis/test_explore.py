@@ -9,6 +9,7 @@ import pytest
 from conftest import copy_sweep
 
 from jepatune.analysis import explore, schema
+from jepatune.analysis.tables import load
 from jepatune.errors import JepatuneError
 
 KNOBS = {"jepa_pure_frac": "float64", "sigreg_weight": "float64", "swa_enabled": "boolean", "num_layers": "Int64"}
@@ -260,12 +261,10 @@ def table_mtimes(folder) -> dict[str, int]:
 
 
 def test_every_helper_runs_on_a_real_sweep(sweep):
-    from jepatune.search.searcher import DECISIONS_NAME
-    from jepatune.search.trainable import KNOBS as TRAINABLE_KNOBS
+    from jepatune.experiment.trials import KNOBS as TRAINABLE_KNOBS
 
-    assert explore.DECISIONS_NAME == DECISIONS_NAME
     before = table_mtimes(sweep.folder)
-    tables = explore.load(sweep.folder)
+    tables = load(sweep.folder)
     assert table_mtimes(sweep.folder) == before  # fresh: read, not rebuilt
     assert tables._fields == ("trials", "curves", "decisions", "final", "finalists")
     for name, frame in tables._asdict().items():
@@ -300,15 +299,15 @@ def test_every_helper_runs_on_a_real_sweep(sweep):
 
 def test_load_rebuilds_tables_older_than_a_trial_result(sweep):
     folder = sweep.folder
-    explore.load(folder)
+    load(folder)
     old = max(table_mtimes(folder).values()) - 60 * 10**9
     for name in schema.TABLES:  # tables written a minute ago, then a trial's result changes
         os.utime(folder / "tables" / f"{name}.parquet", ns=(old, old))
     next(folder.glob("*/result.json")).touch()
-    explore.load(folder)
+    load(folder)
     rebuilt = table_mtimes(folder)
     assert all(m > old for m in rebuilt.values())
-    explore.load(folder)
+    load(folder)
     assert table_mtimes(folder) == rebuilt  # now fresh again
 
 

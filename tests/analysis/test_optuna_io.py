@@ -34,7 +34,7 @@ def exported(sweep):
 
 
 def test_export_copies_the_sweeps_study(sweep, exported):
-    from jepatune.search.sweep import load_study
+    from jepatune.experiment.ray_files import load_study
 
     assert exported == sweep.folder / "optuna.journal"
     assert not [p.name for p in sweep.folder.iterdir() if p.name.startswith(".tmp-") or p.suffix == ".lock"]

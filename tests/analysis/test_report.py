@@ -18,10 +18,11 @@ from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 
 from jepatune.analysis import plots, schema
-from jepatune.analysis.report import FIGURES_DIR, REPORT_NAME, markdown_table, write_report
+from jepatune.analysis.report import markdown_table, write_report
 from jepatune.analysis.tables import write_parquet
 from jepatune.cli import main
 from jepatune.errors import JepatuneError
+from jepatune.experiment.layout import FIGURES_DIR, REPORT_NAME
 
 PNG = b"\x89PNG\r\n\x1a\n"
 KNOBS = {"jepa_pure_frac": "float64", "sigreg_weight": "float64", "regularizer": "string", "swa_enabled": "boolean"}

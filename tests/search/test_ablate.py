@@ -13,7 +13,8 @@ from conftest import TINY
 
 from jepatune.analysis import load_ablation, schema
 from jepatune.cli import main
-from jepatune.search.ablate import AblationSettings, plan_variants, seeded
+from jepatune.experiment.settings import AblationSettings
+from jepatune.search.ablate import plan_variants, seeded
 from jepatune.trainer.config import TrainConfig
 
 
@@ -58,7 +59,7 @@ def plan(**settings) -> tuple[list[tuple[str, str]], list[str]]:
 
 
 def test_presets_hold_the_swa_start_and_drop_what_equals_the_base(recipe):
-    variants, notes = plan(base=str(recipe), presets=("jepa-vs-ce", "regularizer", "swa"))
+    variants, notes = plan(base=str(recipe), variant_sets=("jepa-vs-ce", "regularizer", "swa"))
     # ce_pure_frac moves the CE stage; the SWA start, unset, would move with it: it is held at 0.5.
     assert variants == [("base", ""), ("ce-only", "jepa_pure_frac=0, ce_pure_frac=0, swa_start_frac=0.5"),
                         ("no-bridge", "ce_pure_frac=0.25, swa_start_frac=0.5"),
@@ -70,21 +71,22 @@ def test_presets_hold_the_swa_start_and_drop_what_equals_the_base(recipe):
 
 
 def test_factors_give_one_variant_per_value_and_skip_duplicates(recipe):
-    variants, notes = plan(base=str(recipe), presets=("swa",), factors=("swa_enabled=false", "jepa_pure_frac=0.1,0.25"))
+    variants, notes = plan(base=str(recipe), variant_sets=("swa",),
+                           factors=("swa_enabled=false", "jepa_pure_frac=0.1,0.25"))
     assert variants == [("base", ""), ("no-swa", "swa_enabled=false"), ("jepa_pure_frac=0.1", "jepa_pure_frac=0.1")]
     assert any("swa_enabled=false" in n and "trains the same as no-swa" in n for n in notes)
     assert any("jepa_pure_frac=0.25" in n and "equals the base" in n for n in notes)
 
 
 def test_base_best_is_the_sweeps_recipe_and_its_searched_swa_start(fake_sweep):
-    settings = AblationSettings(sweep=str(fake_sweep), presets=("swa",), steps=24)
+    settings = AblationSettings(sweep=str(fake_sweep), variant_sets=("swa",), steps=24)
     assert settings.base_kind == "best" and settings.folder == fake_sweep / "ablations" / "swa"
     variants = plan_variants(settings, log=(notes := []).append)
     assert variants[0].config.swa_start_frac == 0.9 and variants[0].config.iterations == 24
     assert [(v.name, v.change) for v in variants[1:]] == [("no-swa", "swa_enabled=false"),
                                                         ("swa-reference", "swa_enabled=true, swa_start_frac=unset")]
     assert any("swa-searched" in n and "equals the base" in n for n in notes)
-    reference = plan_variants(AblationSettings(base="reference", sweep=str(fake_sweep), presets=("regularizer",)),
+    reference = plan_variants(AblationSettings(base="reference", sweep=str(fake_sweep), variant_sets=("regularizer",)),
                               log=lambda _: None)
     assert reference[0].config.swa_start_frac is None and reference[0].config.jepa_pure_frac == 0.1  # the reference
     assert reference[0].config.model_dim == TINY["model_dim"]  # at the sweep's shape
@@ -181,9 +183,9 @@ def test_bad_input_is_one_line_and_writes_nothing(name, recipe, tmp_path, capsys
     argv, fragments = {
         "unknown-key": (base + ["--factor", "regularizr=none"], ["--factor", "did you mean regularizer?"]),
         "out-of-range": (base + ["--factor", "jepa_pure_frac=0.1,1.5"], ["jepa_pure_frac=1.5", "[0, 1]"]),
-        "best-without-sweep": (["ablate", "--base", "best", "--preset", "swa", "--out", str(out)], ["--sweep"]),
-        "not-a-sweep": (["ablate", "--sweep", str(not_sweep), "--preset", "swa"], ["not a jepatune sweep"]),
-        "unknown-preset": (base + ["--preset", "regulariser"], ["regulariser", "jepa-vs-ce"]),
+        "best-without-sweep": (["ablate", "--base", "best", "--variants", "swa", "--out", str(out)], ["--sweep"]),
+        "not-a-sweep": (["ablate", "--sweep", str(not_sweep), "--variants", "swa"], ["not a jepatune sweep"]),
+        "unknown-preset": (base + ["--variants", "regulariser"], ["regulariser", "jepa-vs-ce"]),
         "nothing-to-ablate": (base + ["--factor", "regularizer=varcov"], ["nothing to ablate"]),
         "resume-nothing": (["ablate", "--resume", "--out", str(out)], ["not a jepatune ablation"]),
     }[name]

@@ -22,9 +22,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from jepatune.analysis import schema
-from jepatune.analysis.tables import load_tables, read_jsonl
+from jepatune.analysis.tables import load_tables
+from jepatune.experiment.layout import CACHE_DIR, read_jsonl
+from jepatune.experiment.ray_files import load_study
+from jepatune.experiment.settings import base_config, read_settings
 from jepatune.search.searcher import RecordingASHA
-from jepatune.search.sweep import CACHE_DIR, base_config, load_study, read_settings
 from jepatune.spaces import get_space
 from jepatune.trainer.config import TrainConfig
 from jepatune.trainer.loop import trainer_code_bytes

@@ -8,8 +8,9 @@ import pytest
 
 from jepatune.analysis import false_stops, rung_correlation
 from jepatune.analysis.tables import load_tables
-from jepatune.search.sweep import SweepSettings, run_sweep
-from jepatune.search.trainable import asha_milestones
+from jepatune.experiment.fidelity import get_fidelity
+from jepatune.experiment.settings import SweepSettings
+from jepatune.search.sweep import run_sweep
 from jepatune.trainer.config import TrainConfig
 from jepatune.trainer.loop import train
 
@@ -24,9 +25,10 @@ def sweep(tmp_path, data, knobs, **settings):
 
 
 def test_restart_milestones_count_every_step_spent():
-    assert asha_milestones("restart", (4, 8, 16)) == ("compute_steps", (4, 12, 28))
-    assert asha_milestones("snapshot", (4, 8, 16)) == ("step", (4, 8, 16))
-    assert asha_milestones("probe", (4, 8, 16)) == ("step", (4, 8, 16))
+    for name, clock in (("restart", ("compute_steps", (4, 12, 28))), ("snapshot", ("step", (4, 8, 16))),
+                        ("probe", ("step", (4, 8, 16)))):
+        fidelity = get_fidelity(name)
+        assert (fidelity.time_attr, fidelity.milestones((4, 8, 16))) == clock
 
 
 def test_restart_retrains_each_rung_at_its_budget(tmp_path, demo_data, sweep_knobs, local_ray):

@@ -13,9 +13,12 @@ import pytest
 
 from jepatune.analysis.tables import load_tables
 from jepatune.errors import ConfigError
+from jepatune.experiment.ray_files import load_study
+from jepatune.experiment.settings import SweepSettings
+from jepatune.experiment.trials import PENALTY_BPB
 from jepatune.search.retrain import retrain_ddp
-from jepatune.search.sweep import SweepSettings, load_study, run_sweep
-from jepatune.search.trainable import PENALTY_BPB, out_of_memory
+from jepatune.search.sweep import run_sweep
+from jepatune.search.trainable import out_of_memory
 from jepatune.spaces import FAILURE_CONSTRAINT, violation_of
 from jepatune.trainer.loop import train
 

@@ -20,17 +20,19 @@ import pyarrow.dataset as ds
 import pytest
 
 from jepatune.analysis import schema
-from jepatune.analysis.tables import TABLES_DIR, load_tables, read_jsonl, write_tables
-from jepatune.search.retrain import _append_row
-from jepatune.search.sweep import SweepSettings, run_sweep
+from jepatune.analysis.tables import load_tables, write_tables
+from jepatune.experiment.layout import TABLES_DIR, append_jsonl, read_jsonl
 
 # Pays the imports once, then forks one writer per line read: the writer rewrites its outputs until it
+from jepatune.experiment.settings import SweepSettings
+from jepatune.search.sweep import run_sweep
+
 # is killed; its pid goes out first, then a line once it is reaped (so no write comes after that line).
 WRITERS = r"""
 import os, sys
 import torch
 from jepatune.analysis.tables import write_tables
-from jepatune.search.searcher import DECISIONS_NAME  # write_tables imports it: pay it here
+from jepatune.experiment.layout import DECISIONS_NAME  # write_tables imports it: pay it here
 from jepatune.trainer.checkpoint import save_checkpoint
 from jepatune.trainer.config import PRESETS, TrainConfig
 from jepatune.trainer.export import write_artifact
@@ -167,7 +169,8 @@ def test_checkpoint_and_artifact_killed_mid_write_stay_whole(tmp_path):
 
 
 def test_retrain_skips_a_finished_run_and_trains_a_new_budget(tiny, tmp_path, local_ray):
-    from jepatune.search.retrain import FINAL_DIR, RUNS_NAME, retrain
+    from jepatune.experiment.layout import FINAL_DIR, RUNS_NAME
+    from jepatune.search.retrain import retrain
 
     runs = tmp_path / FINAL_DIR / RUNS_NAME
     seeds = [tiny.seed + 1]
@@ -184,7 +187,7 @@ def test_retrain_skips_a_finished_run_and_trains_a_new_budget(tiny, tmp_path, lo
 def test_a_retrain_row_after_a_cut_line_stays_readable(tmp_path):
     runs = tmp_path / "runs.jsonl"
     runs.write_text(json.dumps({"recipe": "best", "seed": 0}) + "\n" + '{"recipe": "best", "se')  # cut mid-line
-    _append_row(runs, {"recipe": "best", "seed": 1})
-    _append_row(runs, {"recipe": "reference", "seed": 0})
+    append_jsonl(runs, {"recipe": "best", "seed": 1})
+    append_jsonl(runs, {"recipe": "reference", "seed": 0})
     assert read_jsonl(runs) == [{"recipe": "best", "seed": 0}, {"recipe": "best", "seed": 1},
                                 {"recipe": "reference", "seed": 0}]

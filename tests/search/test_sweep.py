@@ -10,7 +10,7 @@ from conftest import copy_sweep
 from jepatune.analysis import compare_final, schema
 from jepatune.analysis.finalists import conclusion
 from jepatune.analysis.tables import load_tables, write_tables
-from jepatune.search.sweep import load_study
+from jepatune.experiment.ray_files import load_study
 from jepatune.trainer.config import TrainConfig, load_config
 
 
@@ -137,13 +137,12 @@ def test_retrain_a_recipe_file_beside_its_reference(sweep, tmp_path):
 
 
 def test_checkpoint_every_second_rung_and_the_last(sweep):
-    from jepatune.analysis.tables import read_trials
-    from jepatune.search.sweep import ray_experiment_path
+    from jepatune.experiment.ray_files import read_trials
 
     settings, _, _ = sweep
     assert settings.rungs == (2, 4, 8, 16)
     seen = 0
-    for trial in read_trials(ray_experiment_path(settings)):
+    for trial in read_trials(settings.experiment_path):
         for r in trial["reports"]:
             if "step" in r and not r.get("cached"):
                 seen += 1

@@ -11,10 +11,14 @@ import optuna
 import pytest
 from optuna.samplers._tpe.sampler import _split_trials
 
-from jepatune.analysis.tables import load_tables, read_jsonl
+from jepatune.analysis.tables import load_tables
+from jepatune.experiment.layout import read_jsonl
+from jepatune.experiment.ray_files import load_study
+from jepatune.experiment.settings import SweepSettings, base_config
+from jepatune.experiment.trials import PENALTY_BPB, trial_config
 from jepatune.search.searcher import RecordingASHA, RungAwareOptunaSearch
-from jepatune.search.sweep import SweepSettings, base_config, load_study, run_sweep
-from jepatune.search.trainable import INJECT_OOM_ENV, PENALTY_BPB, trial_config
+from jepatune.search.sweep import run_sweep
+from jepatune.search.trainable import INJECT_OOM_ENV
 from jepatune.spaces import FAILURE_CONSTRAINT
 from jepatune.trainer.loop import train
 

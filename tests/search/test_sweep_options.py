@@ -6,7 +6,9 @@ import pytest
 from jepatune.analysis.tables import load_tables
 from jepatune.cli import _sweep_settings, build_parser
 from jepatune.errors import JepatuneError
-from jepatune.search.sweep import SweepSettings, load_study, run_sweep
+from jepatune.experiment.ray_files import load_study
+from jepatune.experiment.settings import SweepSettings
+from jepatune.search.sweep import run_sweep
 
 
 def test_no_pruning_runs_every_trial_to_the_full_budget_with_random_suggestions(tmp_path, demo_data, sweep_knobs,

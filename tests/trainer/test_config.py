@@ -70,3 +70,10 @@ def test_every_preset_is_valid():
     for name, overrides in PRESETS.items():
         c = apply_overrides(TrainConfig(), overrides)
         assert dataclasses.asdict(c), name
+
+
+def test_a_stored_config_with_a_retired_knob_still_loads():
+    stored = {**TrainConfig(model_dim=256).to_dict(), "ce_weight": 0.1}  # as older versions wrote it
+    assert TrainConfig.from_dict(stored) == TrainConfig(model_dim=256)
+    with pytest.raises(ConfigError, match="ce_weight"):  # but a user's override of it is an unknown key
+        apply_overrides(TrainConfig(), {"ce_weight": "0.1"})

@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jepatune.errors import DataError
-from jepatune.trainer.corpora import (
+from jepatune.corpora import (
     SEPARATOR,
-    _demo_cuts,
     build_demo,
     build_from_text,
+    demo_cuts,
     transpile_sentencepiece,
 )
+from jepatune.errors import DataError
 from jepatune.trainer.data import find_shards, read_shard, write_shard
 
 spm = pytest.importorskip("sentencepiece")
@@ -142,7 +142,7 @@ def test_demo_pieces_keep_the_split_by_file(demo4: Path) -> None:
     assert not {r for r, _ in meta["train"]["documents"]} & {r for r, _ in meta["val"]["documents"]}
     for split in ("train", "val"):
         # A file's cuts cover it without overlap, a few KB each, after a line break.
-        cuts = [_demo_cuts(text) for text in docs[split]]
+        cuts = [demo_cuts(text) for text in docs[split]]
         for text, spans in zip(docs[split], cuts, strict=True):
             assert spans[0][0] == 0 and spans[-1][1] == len(text)
             assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
@@ -173,7 +173,7 @@ def test_demo_is_deterministic_across_walk_order_and_hash_seed(tmp_path: Path, d
     import subprocess
     import sys
 
-    from jepatune.trainer import corpora
+    from jepatune import corpora
 
     expected = {s: split_bytes(demo4, s) for s in ("train", "val")}
     meta = (demo4 / "corpus.json").read_text()
@@ -188,7 +188,7 @@ def test_demo_is_deterministic_across_walk_order_and_hash_seed(tmp_path: Path, d
     monkeypatch.setattr(corpora.os, "walk", reversed_walk)
     build_demo(tmp_path / "walk")
     monkeypatch.undo()
-    code = "import sys; from jepatune.trainer.corpora import build_demo; build_demo(sys.argv[1])"
+    code = "import sys; from jepatune.corpora import build_demo; build_demo(sys.argv[1])"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "seed")], env=env, check=True)
     for out in (tmp_path / "walk", tmp_path / "seed"):

@@ -15,10 +15,10 @@ import pytest
 import test_corpora
 from test_corpora import SAMPLE, no_leftovers, sp_encode
 
+from jepatune import corpora
 from jepatune.cli import main
+from jepatune.corpora import fetch_fineweb
 from jepatune.errors import DataError
-from jepatune.trainer import corpora
-from jepatune.trainer.corpora import fetch_fineweb
 from jepatune.trainer.data import read_shard, write_shard
 
 tokenizer = test_corpora.tokenizer  # the tiny SentencePiece model, as a fixture of this module too
@@ -242,7 +242,7 @@ def test_cli_reports_a_count_the_manifest_lacks_in_one_line(tmp_path: Path, hub:
                                                            monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     publish(hub, tokenizer)
-    monkeypatch.setattr(corpora, "_hub_download", hub)
+    monkeypatch.setattr(corpora, "hub_download", hub)
     assert main(["data", "fineweb", "--train-shards", "80", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "has 3; pass --train-shards 1..3" in err
@@ -286,7 +286,7 @@ def test_the_hub_download_asks_for_the_dataset_file_and_maps_its_errors(tmp_path
         return str(path)
 
     calls = fake_huggingface_hub(monkeypatch, write)
-    got = corpora._hub_download("someone/export", "root/manifest.json", tmp_path)
+    got = corpora.hub_download("someone/export", "root/manifest.json", tmp_path)
     assert got == tmp_path / "root" / "manifest.json"
     assert calls == [{"repo_id": "someone/export", "filename": "root/manifest.json", "repo_type": "dataset",
                       "local_dir": tmp_path}]
@@ -300,4 +300,4 @@ def test_the_hub_download_asks_for_the_dataset_file_and_maps_its_errors(tmp_path
 
         fake_huggingface_hub(monkeypatch, fail)
         with pytest.raises(DataError, match=re.escape(message)):
-            corpora._hub_download("someone/export", "x.bin", tmp_path)
+            corpora.hub_download("someone/export", "x.bin", tmp_path)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from jepatune.corpora import build_demo
 from jepatune.trainer.config import TrainConfig
-from jepatune.trainer.corpora import build_demo
 from jepatune.trainer.loop import Trainer, train
 
 GOLDEN = json.loads((Path(__file__).parents[1] / "data" / "reference_golden.json").read_text())
@@ -36,11 +36,11 @@ def run(data, precision: str, monkeypatch):
     step = Trainer.train_step
 
     def recorded(self, elapsed, branch=None):
-        before = float(self.loss_sum[0])
+        before = float(self.state.loss_sums[0])
         step(self, elapsed, branch)
-        losses.append(float(self.loss_sum[0]) - before)  # this step's mean over its micro-batches
-        if self.swa is not None and not swa_from:
-            swa_from.append(self.step)
+        losses.append(float(self.state.loss_sums[0]) - before)  # this step's mean over its micro-batches
+        if self.state.swa is not None and not swa_from:
+            swa_from.append(self.state.step)
 
     monkeypatch.setattr(Trainer, "train_step", recorded)
     config = TrainConfig(data_path=str(data), precision=precision, **GOLDEN["jepatune_knobs"])

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from jepatune.trainer.config import TrainConfig
+from jepatune.trainer.losses import Losses
 from jepatune.trainer.model import build_model, count_parameters
 
 # The reference's state dict at its defaults (bytejepa.md): name -> shape, for one block.
@@ -60,14 +61,16 @@ def test_losses_at_init():
     y = torch.randint(0, 256, (4, 64))
     ce = model(x, y).item()
     assert ce == pytest.approx(math.log(256), abs=0.05)  # near-uniform logits at init
+    # weights and losses in their one order, (jepa, reg, ce)
     total, parts = model(x, y, torch.tensor([1.0, 1.0, 1.0]), stage=2)
-    assert parts[0].item() == pytest.approx(ce)
-    assert parts[1].item() == pytest.approx(1.0, abs=0.02)  # zero-init predictor vs unit-RMS targets
+    assert Losses(*parts).ce.item() == pytest.approx(ce)
+    assert Losses(*parts).jepa.item() == pytest.approx(1.0, abs=0.02)  # zero-init predictor vs unit-RMS targets
     assert total.item() == pytest.approx(parts.sum().item(), rel=1e-5)
     # stage 1 skips CE, stage 3 skips the JEPA path
-    _, p1 = model(x, y, torch.tensor([1.0, 0.0, 0.05]), stage=1)
-    _, p3 = model(x, y, torch.tensor([0.0, 1.0, 0.0]), stage=3)
-    assert p1[0] == 0 and p1[1] > 0 and p3[1] == 0 and p3[2] == 0 and p3[0] == pytest.approx(ce)
+    _, p1 = model(x, y, torch.tensor([1.0, 0.05, 0.0]), stage=1)
+    _, p3 = model(x, y, torch.tensor([0.0, 0.0, 1.0]), stage=3)
+    p1, p3 = Losses(*p1), Losses(*p3)
+    assert p1.ce == 0 and p1.jepa > 0 and p3.jepa == 0 and p3.reg == 0 and p3.ce == pytest.approx(ce)
 
 
 def test_jepa_target_gets_no_gradient():

@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from jepatune.trainer.loop import Trainer
+from jepatune.trainer.losses import LOSS_ORDER
 from jepatune.trainer.model import CastedLinear, Rotary, apply_reference_bf16_cast, build_model
 
 BF16_005 = 0.050048828125  # 0.05 in bf16
+REG = LOSS_ORDER.index("reg")
 
 
 def cast_model(config, **switches):
@@ -58,9 +60,9 @@ def test_each_cast_switch_changes_what_it_says_and_nothing_else(tiny):
 def first_average_step(config) -> int:
     """The trainer's step count when its weight average first exists."""
     run = Trainer(config)
-    while run.swa is None:
+    while run.state.swa is None:
         run.train_step(elapsed=0.0)
-    return run.step
+    return run.state.step
 
 
 def test_swa_starts_with_the_first_step_that_ends_past_its_start(tiny):
@@ -73,11 +75,11 @@ def test_swa_starts_with_the_first_step_that_ends_past_its_start(tiny):
 
 def test_bf16_loss_weights_round_the_curriculum_weights(tiny):
     bf16 = Trainer(tiny.replace(precision="bf16", sigreg_weight=0.05))
-    bf16.train_step(elapsed=0.0)  # stage 1: (jepa_weight, 0, sigreg_weight)
-    assert bf16.weights.dtype == torch.bfloat16 and bf16.weights[2].item() == BF16_005
+    bf16.train_step(elapsed=0.0)  # stage 1: (jepa_weight, sigreg_weight, 0)
+    assert bf16.loss_weights.dtype == torch.bfloat16 and bf16.loss_weights[REG].item() == BF16_005
     fp32 = Trainer(tiny.replace(precision="bf16", sigreg_weight=0.05, bf16_loss_weights=False))
     fp32.train_step(elapsed=0.0)
-    assert fp32.weights.dtype == torch.float32 and fp32.weights[2].item() == pytest.approx(0.05, abs=1e-9)
+    assert fp32.loss_weights.dtype == torch.float32 and fp32.loss_weights[REG].item() == pytest.approx(0.05, abs=1e-9)
     # the switch changes the weights, not the model it starts from
     assert all(torch.equal(a, b) for a, b in zip(params(Trainer(tiny.replace(precision="bf16")).model).values(),
                                                  params(Trainer(tiny.replace(
@@ -85,20 +87,22 @@ def test_bf16_loss_weights_round_the_curriculum_weights(tiny):
                                                  strict=True))
     # and under fp32 precision none of the cast's effects apply
     plain = Trainer(tiny.replace(precision="fp32"))
-    assert plain.weights.dtype == torch.float32 and plain.model.tok_emb.weight.dtype == torch.float32
+    assert plain.loss_weights.dtype == torch.float32 and plain.model.tok_emb.weight.dtype == torch.float32
 
 
 def test_the_code_counted_against_the_cap_is_what_a_run_imports():
+    import importlib.util
     import subprocess
     import sys
 
-    from jepatune.trainer.loop import RUN_MODULES, trainer_code_bytes
+    from jepatune.trainer import loop
+    from jepatune.trainer.final import RUN_MODULES
 
     out = subprocess.run([sys.executable, "-c", "import sys, jepatune.trainer.loop; print(' '.join(sorted("
                           "n for n in sys.modules if n == 'jepatune' or n.startswith('jepatune.'))))"],
                          capture_output=True, text=True, check=True).stdout.split()
-    assert out == sorted(RUN_MODULES) and "jepatune.trainer.corpora" not in out  # data building ships not
-    import jepatune.trainer.corpora as corpora
-
-    everything = sum(p.stat().st_size for p in Path(corpora.__file__).parent.glob("*.py"))
-    assert trainer_code_bytes() < everything  # the run's own code, not every file of trainer/
+    assert out == sorted(RUN_MODULES) and "jepatune.corpora" not in out  # data building ships not
+    assert loop.trainer_code_bytes() == sum(Path(importlib.util.find_spec(m).origin).stat().st_size for m in out)
+    # Every module of trainer/ is the run's own code: data building lives outside it.
+    trainer_modules = {f"jepatune.trainer.{p.stem}" for p in Path(loop.__file__).parent.glob("*.py")}
+    assert trainer_modules - {"jepatune.trainer.__init__"} <= set(out)

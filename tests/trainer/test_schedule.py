@@ -5,14 +5,14 @@ from jepatune.trainer.schedule import LossWeights, curriculum_weights, lr_multip
 REF = dict(jepa_pure_frac=0.10, ce_pure_frac=0.80, jepa_weight=1.0, sigreg_weight=0.05)
 
 
-@pytest.mark.parametrize("p, expected, stage", [
-    (0.00, (1.0, 0.0, 0.05), 1),
-    (0.05, (1.0, 0.0, 0.05), 1),
-    (0.10, (1.0, 0.0, 0.05), 1),     # bridge start: b = 0
-    (0.45, (0.5, 0.5, 0.025), 2),    # halfway through the bridge
-    (0.66, (0.2, 0.8, 0.01), 2),
-    (0.80, (0.0, 1.0, 0.0), 3),
-    (0.99, (0.0, 1.0, 0.0), 3),
+@pytest.mark.parametrize("p, expected, stage", [  # (jepa, reg, ce)
+    (0.00, (1.0, 0.05, 0.0), 1),
+    (0.05, (1.0, 0.05, 0.0), 1),
+    (0.10, (1.0, 0.05, 0.0), 1),     # bridge start: b = 0
+    (0.45, (0.5, 0.025, 0.5), 2),    # halfway through the bridge
+    (0.66, (0.2, 0.01, 0.8), 2),
+    (0.80, (0.0, 0.0, 1.0), 3),
+    (0.99, (0.0, 0.0, 1.0), 3),
 ])
 def test_curriculum_matches_the_reference_table(p, expected, stage):
     w = curriculum_weights(p, **REF)
@@ -21,7 +21,7 @@ def test_curriculum_matches_the_reference_table(p, expected, stage):
 
 
 def test_ce_from_step_zero_control():
-    assert curriculum_weights(0.0, 0.0, 0.0, 1.0, 0.05) == LossWeights(0.0, 1.0, 0.0)
+    assert curriculum_weights(0.0, 0.0, 0.0, 1.0, 0.05) == LossWeights(jepa=0.0, reg=0.0, ce=1.0)
 
 
 def test_lr_warmdown_by_steps():

@@ -1,4 +1,4 @@
-"""Build byte-level shard folders (values 0..255 in the uint16 shard format of `data.py`).
+"""Build byte-level shard folders (values 0..255 in the uint16 shard format of `jepatune.trainer.data`).
 
 Four sources: a demo corpus cut from the running Python's standard library (present on
 every machine, no network), the user's own UTF-8 text files, SentencePiece shards
@@ -213,7 +213,7 @@ def _demo_reuse(out: Path, settings: dict[str, Any]) -> tuple[dict[str, Any] | N
     return _summary(out, meta["train"]["bytes"], meta["val"]["bytes"], len(shards), reused=True), ()
 
 
-def _demo_cuts(data: bytes, size: int = _DEMO_PIECE_BYTES) -> list[tuple[int, int]]:
+def demo_cuts(data: bytes, size: int = _DEMO_PIECE_BYTES) -> list[tuple[int, int]]:
     """(start, end) of consecutive pieces of about `size` bytes covering `data`, each ending
     at a line break where the line allows it (else not inside a UTF-8 character)."""
     cuts = []
@@ -327,7 +327,7 @@ def build_demo(out: str | os.PathLike, *, train_mb: float = 4.0, val_mb: float =
             continue
         seen.add(digest)
         texts[split].append(data)
-        cuts[split].append(_demo_cuts(data))
+        cuts[split].append(demo_cuts(data))
         sizes[split] += len(data) + len(SEPARATOR) * len(cuts[split][-1])
         docs[split].append([rel, digest])
     splits: dict[str, bytes] = {}
@@ -507,7 +507,7 @@ def _reason(e: Exception) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _hub_download(repo_id: str, relative_path: str, local_dir: Path) -> Path:
+def hub_download(repo_id: str, relative_path: str, local_dir: Path) -> Path:
     """Fetch one file of the dataset repo `repo_id` into `local_dir`/`relative_path`."""
     try:
         from huggingface_hub import hf_hub_download
@@ -634,7 +634,7 @@ def fetch_fineweb(
     cache = Path(cache_dir) if cache_dir is not None else out.with_name(out.name + ".download")
     local = cache / repo_id.replace("/", "--")  # two exports never share cached files
     _check_out_free(out)  # before downloading gigabytes, not after
-    download = download or _hub_download
+    download = download or hub_download
 
     manifest_path = _remote(root, "manifest.json")
     where = f"{repo_id}:{manifest_path}"
