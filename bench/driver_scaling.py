@@ -1,4 +1,4 @@
-"""Driver scaling: the sweep driver's cost per trial at 100, 1,000 and 5,000 trials.
+"""Driver scaling: the sweep driver's cost per trial at 100, 1,000 and 5,000 trials, beside stock Ray Tune.
 
 The trials train nothing: each reports a made-up val_bpb (a smooth function of the sampled
 knobs) at every ASHA rung at once, so the wall time is the driver's: the real
@@ -12,8 +12,13 @@ worker, processing results, the experiment snapshot every 2 s, as `run_sweep` se
 per trial over the last tenth of the trials, the marginal cost at that history size, and
 `searcher_last10%` the searcher's share of it.
 
+`--drivers jepatune,stock` runs, in the same process and on the same Ray, stock Ray Tune beside it:
+Ray's own `OptunaSearch` (the same seeded multivariate TPE or random sampler, the same space and
+reference point) and `ASHAScheduler` (the same rungs), no callbacks, with the same trivial
+trainable, and prints jepatune's wall time per trial over stock's.
+
     python bench/driver_scaling.py                             # 100 and 1,000 trials, TPE and random
-    python bench/driver_scaling.py --trials 5000 --samplers tpe  # the long one (tens of minutes on 2 cores)
+    python bench/driver_scaling.py --trials 1000,5000 --samplers tpe --drivers jepatune,stock
 """
 
 from __future__ import annotations
@@ -30,15 +35,19 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import optuna
 from ray import tune
+from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
+from ray.tune.search.optuna import OptunaSearch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sweep_overhead import load, machine, print_table, start_ray  # noqa: E402
 
-from jepatune.experiment.settings import SweepSettings
+from jepatune.experiment.settings import SweepSettings  # noqa: E402
 from jepatune.experiment.trials import METRIC, PENALTY_BPB, TIME_ATTR  # noqa: E402
 from jepatune.search.progress import TrialLines  # noqa: E402
+from jepatune.search.retention import DropEndedState  # noqa: E402
 from jepatune.search.searcher import RecordingASHA  # noqa: E402
 from jepatune.search.sweep import SNAPSHOT_PERIOD_S, make_search  # noqa: E402
 from jepatune.spaces import get_space  # noqa: E402
@@ -84,8 +93,8 @@ class TimedSearcher(ConcurrencyLimiter):
         self.spent.append(self.seconds)
 
 
-class TimedASHA(RecordingASHA):
-    """RecordingASHA, timing its decisions (every result passes through `on_trial_result`)."""
+class TimedDecisions:
+    """Mixed into a scheduler: times its decisions (every result passes through `on_trial_result`)."""
 
     seconds = 0.0
 
@@ -97,25 +106,52 @@ class TimedASHA(RecordingASHA):
             self.seconds += time.perf_counter() - t0
 
 
-def run_once(settings: SweepSettings, trials: int) -> dict[str, Any]:
+class TimedASHA(TimedDecisions, RecordingASHA):
+    pass
+
+
+class TimedStockASHA(TimedDecisions, ASHAScheduler):
+    pass
+
+
+def stock_search(settings: SweepSettings, space) -> tuple[Searcher, ASHAScheduler]:
+    """Stock Ray Tune: its OptunaSearch and ASHAScheduler, with the sampler, space and rungs a sweep uses."""
+    if settings.sampler == "random":
+        sampler: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=settings.seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=settings.startup_trials,
+                                             multivariate=True)
+    searcher = OptunaSearch(space=space.sample, metric=METRIC, mode="min", sampler=sampler,
+                            points_to_evaluate=[space.reference_point()])
+    scheduler = TimedStockASHA(time_attr=TIME_ATTR, max_t=settings.rungs[-1], grace_period=settings.rungs[0],
+                               reduction_factor=settings.reduction_factor)
+    return searcher, scheduler
+
+
+def run_once(settings: SweepSettings, trials: int, driver: str = "jepatune") -> dict[str, Any]:
     space = get_space(settings.space, base=TrainConfig())
     settings.folder.mkdir(parents=True, exist_ok=True)
-    searcher, scheduler = make_search(replace(settings, samples=trials), space)
-    scheduler.__class__ = TimedASHA  # the same object, its decisions timed
+    if driver == "stock":
+        searcher, scheduler = stock_search(settings, space)
+        callbacks = []
+    else:
+        searcher, scheduler = make_search(replace(settings, samples=trials), space)
+        scheduler.__class__ = TimedASHA  # the same object, its decisions timed
+        callbacks = [TrialLines(trials, settings.trial_steps), DropEndedState()]
     timed = TimedSearcher(searcher, settings.concurrency)
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(instant_trial, rungs=settings.rungs), {"cpu": 1, "gpu": 0}),
         tune_config=tune.TuneConfig(metric=METRIC, mode="min", search_alg=timed, scheduler=scheduler,
                                     num_samples=trials, max_concurrent_trials=settings.concurrency,
                                     reuse_actors=True),
-        run_config=tune.RunConfig(name=settings.name, storage_path=settings.out, verbose=0,
-                                  callbacks=[TrialLines(trials, settings.trial_steps)]))
+        run_config=tune.RunConfig(name=settings.name, storage_path=settings.out, verbose=0, callbacks=callbacks))
     t0 = time.perf_counter()
     with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet):  # the per-trial lines
         tuner.fit()
     wall = time.perf_counter() - t0
     done = timed.completed
-    return {"sampler": settings.sampler, "trials": trials, "told": len(searcher.study.trials), "wall_s": wall,
+    study = searcher._ot_study if driver == "stock" else searcher.study
+    return {"driver": driver, "sampler": settings.sampler, "trials": trials, "told": len(study.trials), "wall_s": wall,
             "start_s": done[0] - t0, "ms/trial": per_trial_ms(done), "searcher": 1000 * timed.seconds / trials,
             "asha": 1000 * scheduler.seconds / trials, "last10%": per_trial_ms(done[-max(2, trials // 10):]),
             "searcher_last10%": per_trial_ms(timed.spent[-max(2, trials // 10):]),
@@ -135,10 +171,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trial-steps", type=int, default=120, help="the rungs' budget (default 120: rungs 15..120)")
     p.add_argument("--startup-trials", type=int, default=10)
     p.add_argument("--concurrency", type=int, default=2, help="trials at once = Ray slots (default 2)")
+    p.add_argument("--drivers", default="jepatune", help="comma list of jepatune, stock (stock Ray Tune beside it)")
     p.add_argument("--json", type=Path, help="write the rows here")
     args = p.parse_args(argv)
     args.trials = [int(n) for n in args.trials.split(",") if n.strip()]
     args.samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
+    args.drivers = [s.strip() for s in args.drivers.split(",") if s.strip()]
+    if not args.drivers or set(args.drivers) - {"jepatune", "stock"}:
+        p.error("--drivers: jepatune and/or stock")
     if not args.trials or min(args.trials) < 1 or set(args.samplers) - {"tpe", "random"} or not args.samplers:
         p.error("--trials: positive counts; --samplers: tpe and/or random")
     return args
@@ -154,13 +194,20 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="jepatune-driver-") as tmp:
         for n in args.trials:
             for sampler in args.samplers:
-                settings = SweepSettings(data=tmp, out=tmp, name=f"{sampler}-{n}", space=args.space,
-                                         trial_steps=args.trial_steps, concurrency=args.concurrency,
-                                         startup_trials=args.startup_trials, sampler=sampler)
-                rows.append(run_once(settings, n))
-                print(f"  {sampler} x {n:,}: {rows[-1]['wall_s']:.0f} s", flush=True)
-    print_table(rows, ("sampler", "trials", "told", "wall_s", "start_s", "ms/trial", "searcher", "asha", "last10%",
-                       "searcher_last10%", "load"))
+                for driver in args.drivers:
+                    settings = SweepSettings(data=tmp, out=tmp, name=f"{driver}-{sampler}-{n}", space=args.space,
+                                             trial_steps=args.trial_steps, concurrency=args.concurrency,
+                                             startup_trials=args.startup_trials, sampler=sampler)
+                    rows.append(run_once(settings, n, driver))
+                    print(f"  {driver} {sampler} x {n:,}: {rows[-1]['wall_s']:.0f} s", flush=True)
+    print_table(rows, ("driver", "sampler", "trials", "told", "wall_s", "start_s", "ms/trial", "searcher", "asha",
+                       "last10%", "searcher_last10%", "load"))
+    by = {(r["driver"], r["sampler"], r["trials"]): r for r in rows}
+    for (driver, sampler, n), row in by.items():
+        if driver == "jepatune" and (stock := by.get(("stock", sampler, n))) and stock["ms/trial"]:
+            print(f"{sampler} x {n:,}: jepatune / stock driver seconds per trial = "
+                  f"{row['ms/trial'] / stock['ms/trial']:.2f} (last tenth: "
+                  f"{row['last10%'] / stock['last10%']:.2f})")
     if args.json is not None:
         args.json.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1) + "\n")
     return 0

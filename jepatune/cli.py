@@ -20,6 +20,7 @@ from jepatune.atomic import creation_problem
 from jepatune.errors import ConfigError, JepatuneError
 from jepatune.experiment.layout import BEST_NAME, FIGURES_DIR, SETTINGS_NAME, TABLES_DIR
 from jepatune.experiment.settings import AblationSettings, SweepSettings, default_of, read_settings_toml
+from jepatune.experiment.store import is_uri
 
 DEMO_OUT = "runs/demo"
 
@@ -201,9 +202,16 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_retrain(args: argparse.Namespace) -> int:
     from jepatune.analysis.summary import sweep_summary
+    from jepatune.experiment.settings import local_folder, read_settings
     from jepatune.search.sweep import ensure_ray, finalize
 
-    target = args.target.resolve()
+    if is_uri(args.target):  # a sweep on storage, opened from any machine
+        target = str(args.target)
+        local_folder(read_settings(target, out=args.out))
+        finalize(target, final_steps=args.final_steps, final_seeds=args.final_seeds, finalists=args.finalists)
+        print(sweep_summary(target))
+        return 0
+    target = Path(args.target).resolve()
     if target.is_file():  # a recipe: it and the reference beside it
         from jepatune.search.retrain import retrain_recipe
         from jepatune.trainer.config import load_config
@@ -236,12 +244,16 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from jepatune.analysis.summary import sweep_summary
     from jepatune.analysis.tables import load
     from jepatune.experiment.layout import ABLATION_NAME
-    from jepatune.experiment.settings import read_settings
+    from jepatune.experiment.settings import local_folder, read_settings
 
-    if (args.folder / ABLATION_NAME).is_file() and not (args.folder / SETTINGS_NAME).is_file():
-        _print_report(write_report(args.folder, log=print))
-        return 0
-    folder = read_settings(args.folder).folder  # a clear error when it is not a sweep
+    if is_uri(args.folder):  # a sweep on storage, opened from any machine: its report goes to --out/NAME
+        folder = local_folder(read_settings(args.folder, out=args.out))
+    else:
+        given = Path(args.folder)
+        if (given / ABLATION_NAME).is_file() and not (given / SETTINGS_NAME).is_file():
+            _print_report(write_report(given, log=print))
+            return 0
+        folder = read_settings(given).folder  # a clear error when it is not a sweep
     print(sweep_summary(folder, k=args.top))
     tables = load(folder)
     fmt = {"index": False, "float_format": lambda v: f"{v:.4g}"}
@@ -367,17 +379,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("retrain", help="retrain a sweep's finalists and the reference, several seeds; the best "
                                        "retrain wins")
-    p.add_argument("target", type=Path, help="a sweep folder, or a TOML recipe (e.g. a sweep's best.toml)")
+    p.add_argument("target", help="a sweep folder or storage URI (STORAGE/NAME), or a TOML recipe (e.g. a sweep's "
+                                  "best.toml)")
     p.add_argument("--final-steps", type=int, default=0, help="budget (default: the sweep's, or the recipe's)")
     p.add_argument("--final-seeds", type=int, default=0, help="seeds (default: the sweep's, or 3)")
     p.add_argument("--finalists", type=int, default=0, help="for a sweep: recipes to retrain (default: the sweep's)")
     p.add_argument("--data", type=Path, help="for a recipe: its byte-shard folder (default: the recipe's)")
-    p.add_argument("--out", type=Path, default=Path("runs/retrain"), help="for a recipe: the output folder")
+    p.add_argument("--out", type=Path, default=Path("runs/retrain"), help="for a recipe: the output folder; for a "
+                   "storage URI: where the sweep's local folder goes")
     p.set_defaults(fn=cmd_retrain)
 
     p = sub.add_parser("analyze", help="print a sweep's leaderboard, knob marginals, importance, rung correlation; "
                                        "write DIR/report.md with its figures")
-    p.add_argument("folder", type=Path, help="a sweep folder, or an ablation folder (its report only)")
+    p.add_argument("folder", help="a sweep folder or storage URI (STORAGE/NAME), or an ablation folder (its report "
+                                  "only)")
+    p.add_argument("--out", type=Path, default=Path("runs"), help="for a storage URI: where the sweep's local folder "
+                   "(and its report) goes")
     p.add_argument("--top", type=int, default=10, help="trials on the leaderboard")
     p.set_defaults(fn=cmd_analyze)
 

@@ -9,7 +9,6 @@ those files alone: a finished run from its JSON, a run that raised from its Ray 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -19,10 +18,11 @@ import pandas as pd
 
 from jepatune.analysis import schema
 from jepatune.analysis.explore import pair_by_seed
-from jepatune.analysis.tables import write_parquet
-from jepatune.errors import JepatuneError
+from jepatune.analysis.tables import put_parquet, read_parquet
 from jepatune.experiment.layout import ABLATION_NAME, CACHE_DIR, TABLES_DIR
 from jepatune.experiment.ray_files import read_trials
+from jepatune.experiment.settings import read_record
+from jepatune.experiment.store import Store, is_uri, join
 
 BASE = "base"
 RUNS_TABLE, TABLE = "ablation_runs", "ablation"
@@ -67,33 +67,32 @@ def _paired(variant: str, runs_of: pd.DataFrame, base: pd.DataFrame) -> dict[str
     return {"n": pair["n_paired"], **{k: pair[k] for k in ("delta", "ci_low", "ci_high", "missing")}}
 
 
-def read_plan(folder: str | os.PathLike) -> dict[str, Any]:
-    """The contents of `ablation.json`; a clear error when `folder` is not an ablation folder."""
-    path = Path(folder) / ABLATION_NAME
-    if not path.is_file():
-        raise JepatuneError(f"{Path(folder).resolve()} is not a jepatune ablation (no {ABLATION_NAME}); "
-                            f"give the folder `jepatune ablate` made")
-    return json.loads(path.read_text(encoding="utf-8"))
+def ablation_store(location: str | os.PathLike) -> Store:
+    """Where the ablation at `location` (its local folder or storage URI) keeps its runs and tables."""
+    if is_uri(location):
+        return Store(location)
+    folder = Path(location).resolve()
+    storage = (read_record(folder, ABLATION_NAME, "ablation").get("settings") or {}).get("storage")
+    return Store(folder if storage is None else join(storage, folder.name))
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+def read_plan(location: str | os.PathLike) -> dict[str, Any]:
+    """The contents of `ablation.json`, read where the ablation lives; a clear error when `location`
+    is not an ablation."""
+    return read_record(ablation_store(location).root, ABLATION_NAME, "ablation")
 
 
-def build_runs(folder: str | os.PathLike) -> pd.DataFrame:
-    """The `ablation_runs` table of the folder: one row per planned run that finished or raised, in
+def build_runs(location: str | os.PathLike) -> pd.DataFrame:
+    """The `ablation_runs` table of the ablation: one row per planned run that finished or raised, in
     plan order. A run neither finished nor errored (not started, or cut by a kill) has no row."""
-    folder = Path(folder)
-    plan = read_plan(folder)
+    store = ablation_store(location)
+    plan = read_plan(location)
     errored = {(t["params"].get("variant"), t["params"].get("seed")): t["trial_id"]
-               for t in read_trials(str(folder)) if t["error"]}  # the last such trial of each run
+               for t in read_trials(store.root) if t["error"]}  # the last such trial of each run
     rows = []
     for run in plan["runs"]:
         row = {"variant": run["variant"], "change": run["change"], "seed": run["seed"]}
-        finished = _read_json(folder / CACHE_DIR / f"{run['config_key']}.json")
+        finished = _read_json(store, f"{CACHE_DIR}/{run['config_key']}.json")
         if finished is not None:
             rows.append({**row, **{k: finished.get(k) for k in ("val_bpb", "prequant_bpb", "steps", "status",
                                                                   "trial_id")}})
@@ -103,34 +102,40 @@ def build_runs(folder: str | os.PathLike) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(schema.ABLATION_RUNS)).astype(schema.ABLATION_RUNS)
 
 
-def _paths(folder: Path) -> dict[str, Path]:
-    return {name: folder / TABLES_DIR / f"{name}.parquet" for name in schema.ABLATION_TABLES}
+def _read_json(store: Store, rel: str) -> dict[str, Any] | None:
+    try:
+        return store.read_json(rel)
+    except ValueError:
+        return None
 
 
-def write_ablation_tables(folder: str | os.PathLike) -> dict[str, Path]:
-    """(Re)build both tables of the ablation at `folder` from its files; return their paths."""
-    folder = Path(folder)
-    runs = build_runs(folder)
-    paths = _paths(folder)
-    write_parquet(runs, paths[RUNS_TABLE])
-    write_parquet(ablation_table(runs), paths[TABLE])
-    return paths
+def _tables() -> dict[str, str]:
+    return {name: f"{TABLES_DIR}/{name}.parquet" for name in schema.ABLATION_TABLES}
 
 
-def _stale(folder: Path, paths: dict[str, Path]) -> bool:
-    """A table is missing, or a source file (the plan, a finished run, a Ray trial's files) is newer."""
-    if not all(p.exists() for p in paths.values()):
+def write_ablation_tables(location: str | os.PathLike) -> dict[str, str]:
+    """(Re)build both tables of the ablation at `location` from its files; return their locations."""
+    store = ablation_store(location)
+    runs = build_runs(location)
+    return {RUNS_TABLE: put_parquet(store, _tables()[RUNS_TABLE], runs),
+            TABLE: put_parquet(store, _tables()[TABLE], ablation_table(runs))}
+
+
+def _stale(store: Store) -> bool:
+    """A table is missing, or a source (the plan, a finished run, a local Ray trial's error) is newer."""
+    built = [store.mtime_ns(rel) for rel in _tables().values()]
+    if None in built:
         return True
-    oldest = min(p.stat().st_mtime_ns for p in paths.values())
-    sources = [folder / ABLATION_NAME, *(folder / CACHE_DIR).glob("*.json"), *folder.glob("*/error.txt")]
-    return any(p.stat().st_mtime_ns > oldest for p in sources if p.exists())
+    sources = [store.mtime_ns(ABLATION_NAME), store.newest_in(CACHE_DIR, ".json")]
+    if not store.remote:
+        sources += [p.stat().st_mtime_ns for p in Path(store.root).glob("*/error.txt")]
+    return any(t is not None and t > min(built) for t in sources)
 
 
-def load_ablation(folder: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(ablation table, runs table) of the ablation at `folder`, rebuilt first when missing or stale."""
-    folder = Path(folder)
-    read_plan(folder)  # a clear error for a folder that is not an ablation
-    paths = _paths(folder)
-    if _stale(folder, paths):
-        write_ablation_tables(folder)
-    return pd.read_parquet(paths[TABLE]), pd.read_parquet(paths[RUNS_TABLE])
+def load_ablation(location: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(ablation table, runs table) of the ablation at `location`, rebuilt first when missing or stale."""
+    read_plan(location)  # a clear error for a folder that is not an ablation
+    store = ablation_store(location)
+    if _stale(store):
+        write_ablation_tables(location)
+    return read_parquet(store, _tables()[TABLE]), read_parquet(store, _tables()[RUNS_TABLE])

@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 
 from jepatune.analysis import ablation, explore, plots, schema
+from jepatune.analysis.summary import storage_line, storage_use
 from jepatune.analysis.tables import Tables, load
 from jepatune.atomic import atomic_path, atomic_write_text, unwritable_ancestor
 from jepatune.errors import JepatuneError
@@ -28,10 +29,9 @@ from jepatune.experiment.layout import (
     ABLATION_NAME,
     ABLATIONS_DIR,
     FIGURES_DIR,
-    FINAL_RUNS,
+    FINAL_DIR,
     REPORT_NAME,
     SETTINGS_NAME,
-    read_jsonl,
 )
 from jepatune.experiment.settings import read_metadata, read_settings
 
@@ -154,6 +154,11 @@ def _sweep_report(folder: Path, r: _Report) -> None:
     _audits(r, tables, settings)
     _replays(r, replays)
     _finalists(r, tables, folder)
+    r.section("Storage")
+    if storage_use(folder)["trials"]:
+        r.text("The sweep takes " + storage_line(folder).removeprefix("storage: ") + ".", "")
+    else:
+        r.missing("no trial has written to the sweep's storage yet")
     r.section("Ablations")
     found = sorted(p.parent for p in (folder / ABLATIONS_DIR).glob(f"*/{ABLATION_NAME}"))
     if not found:
@@ -364,10 +369,11 @@ def _finalists(r: _Report, tables: Tables, folder: Path) -> None:
 
 
 def retrain_curves(folder: Path, final: pd.DataFrame) -> pd.DataFrame:
-    """(recipe, seed, step, val_bpb) of each run of the newest retrain, from its metrics.jsonl."""
-    rows, runs = [], folder / Path(FINAL_RUNS).parent
+    """(recipe, seed, step, val_bpb) of each run of the newest retrain, from its metrics.jsonl, read
+    where the sweep lives."""
+    rows, store = [], read_settings(folder).store
     for run in explore.newest_budget(final).drop_duplicates(["recipe", "seed"], keep="last").itertuples():
-        for m in read_jsonl(runs / f"{run.recipe}-seed{run.seed}" / "metrics.jsonl"):
+        for m in store.read_rows(f"{FINAL_DIR}/{run.recipe}-seed{run.seed}/metrics.jsonl"):
             if not m.get("final") and m.get("val_bpb") is not None:
                 rows.append({"recipe": run.recipe, "seed": run.seed, "step": m["step"], "val_bpb": m["val_bpb"]})
     return pd.DataFrame(rows, columns=["recipe", "seed", "step", "val_bpb"])

@@ -7,6 +7,39 @@ import os
 from jepatune.analysis import explore
 from jepatune.analysis.finalists import conclusion
 from jepatune.analysis.tables import load
+from jepatune.experiment.settings import read_settings
+
+TRIAL_PREFIX = "run_trial_"  # Ray's trial folders of a sweep (the trainable's name)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def storage_use(folder: str | os.PathLike) -> dict[str, float]:
+    """Bytes the sweep takes where it lives: in all, in trial folders (and of those, in checkpoints),
+    per trial; one listing of its storage."""
+    settings = read_settings(folder)
+    files = settings.store.files("", recursive=True)
+    root = settings.store.path()
+    in_trials = [f for f in files if f.path[len(root):].lstrip("/").startswith(TRIAL_PREFIX)]
+    trials = {f.path[len(root):].lstrip("/").split("/", 1)[0] for f in in_trials}
+    total, trial_bytes = sum(f.size or 0 for f in files), sum(f.size or 0 for f in in_trials)
+    return {"bytes": total, "trial_bytes": trial_bytes, "trials": len(trials),
+            "checkpoint_bytes": sum(f.size or 0 for f in in_trials if "/checkpoint_" in f.path),
+            "bytes_per_trial": trial_bytes / len(trials) if trials else 0.0}
+
+
+def storage_line(folder: str | os.PathLike) -> str:
+    use = storage_use(folder)
+    return (f"storage: {human_bytes(use['bytes'])} at {read_settings(folder).experiment_path}, "
+            f"{human_bytes(use['bytes_per_trial'])} per trial over {use['trials']} trials "
+            f"({human_bytes(use['checkpoint_bytes'])} in checkpoints: ended trials keep their results, not their "
+            "training state)")
 
 
 def sweep_summary(folder: str | os.PathLike, k: int = 5) -> str:
@@ -25,4 +58,4 @@ def sweep_summary(folder: str | os.PathLike, k: int = 5) -> str:
         lines += ["finalists retrained with seeds no trial used (val_bpb after the int8+zlib round trip, full val "
                   "split; delta vs the reference with a paired 95% CI):",
                   shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"), conclusion(tables.finalists)]
-    return "\n".join(lines)
+    return "\n".join([*lines, storage_line(folder)])

@@ -25,9 +25,10 @@ import pyarrow.parquet as pq
 from jepatune.analysis import schema
 from jepatune.analysis.finalists import finalists_table
 from jepatune.atomic import atomic_path
-from jepatune.experiment.layout import DECISIONS_NAME, FINAL_RUNS, TABLES_DIR, read_jsonl
+from jepatune.experiment.layout import DECISIONS_NAME, FINAL_RUNS, TABLES_DIR
 from jepatune.experiment.ray_files import metric_reports, read_trials, trial_status
 from jepatune.experiment.settings import SweepSettings, read_metadata, read_settings
+from jepatune.experiment.store import Store
 from jepatune.experiment.trials import KNOBS, METRIC, PENALIZED, trial_config, trial_key
 from jepatune.trainer.config import TrainConfig
 
@@ -101,30 +102,50 @@ def fold_duplicates(trials: pd.DataFrame) -> pd.DataFrame:
     return kept.drop(columns=["_rank", "_cached", "_pos"]).reset_index(drop=True)
 
 
-def write_parquet(frame: pd.DataFrame, path: Path) -> None:
+def write_parquet(frame: pd.DataFrame, path: str | os.PathLike) -> None:
     """Atomically: a reader sees the previous table or the new one, never half of one."""
     with atomic_path(path) as tmp:
         pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp)
 
 
-def write_tables(folder: str | os.PathLike) -> dict[str, Path]:
-    """(Re)build every table of the sweep at `folder` from its files; return their paths."""
-    folder = Path(folder)
+def put_parquet(store: Store, rel: str, frame: pd.DataFrame) -> str:
+    """`frame` as the table `rel` of `store` (whole or absent, as `write_parquet`); returns its location."""
+    if store.remote:
+        store.write_bytes(rel, parquet_bytes(frame))
+    else:
+        write_parquet(frame, store.path(rel))
+    return store.uri(rel)
+
+
+def parquet_bytes(frame: pd.DataFrame) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), sink)
+    return sink.getvalue().to_pybytes()
+
+
+def read_parquet(store: Store, rel: str) -> pd.DataFrame:
+    return pd.read_parquet(pa.BufferReader(store.read_bytes(rel))) if store.remote else pd.read_parquet(store.path(rel))
+
+
+def table_name(name: str) -> str:
+    return f"{TABLES_DIR}/{name}.parquet"
+
+
+def write_tables(folder: str | os.PathLike) -> dict[str, str]:
+    """(Re)build every table of the sweep at `folder` (its local folder or storage URI) from its files,
+    where the sweep lives; return their locations."""
     settings = read_settings(folder)
+    store = settings.store
     meta = read_metadata(folder)
     knobs = searched_knobs(settings.experiment_path)
-    decisions = _typed(read_jsonl(folder / DECISIONS_NAME), schema.DECISIONS)
+    decisions = _typed(store.read_rows(DECISIONS_NAME), schema.DECISIONS)
     trials, curves = build_trials(settings.experiment_path, settings.trial_steps, knobs,
                                   key_of=_key_function(meta, settings),
                                   audited=frozenset(decisions.loc[decisions["decision"] == "audit", "trial_id"]))
-    final = _typed(read_jsonl(folder / FINAL_RUNS), schema.FINAL)
-
-    out = {}
-    for name, frame in (("trials", trials), ("curves", curves), ("decisions", decisions), ("final", final),
-                        ("finalists", finalists_table(final))):
-        out[name] = folder / TABLES_DIR / f"{name}.parquet"
-        write_parquet(frame, out[name])
-    return out
+    final = _typed(store.read_rows(FINAL_RUNS), schema.FINAL)
+    return {name: put_parquet(store, table_name(name), frame)
+            for name, frame in (("trials", trials), ("curves", curves), ("decisions", decisions), ("final", final),
+                                ("finalists", finalists_table(final)))}
 
 
 def _key_function(meta: dict[str, Any], settings: SweepSettings) -> Callable[[dict[str, Any]], str | None]:
@@ -152,11 +173,10 @@ def searched_knobs(experiment: str) -> list[str]:
 
 def load_tables(folder: str | os.PathLike) -> dict[str, pd.DataFrame]:
     """The sweep's tables as DataFrames (built first when missing)."""
-    folder = Path(folder)
-    paths = {name: folder / TABLES_DIR / f"{name}.parquet" for name in schema.TABLES}
-    if not all(p.exists() for p in paths.values()):
-        paths = write_tables(folder)
-    return {name: pd.read_parquet(p) for name, p in paths.items()}
+    store = read_settings(folder).store
+    if not all(store.exists(table_name(name)) for name in schema.TABLES):
+        write_tables(folder)
+    return {name: read_parquet(store, table_name(name)) for name in schema.TABLES}
 
 
 class Tables(NamedTuple):
@@ -170,25 +190,26 @@ class Tables(NamedTuple):
 
 
 def load(folder: str | os.PathLike) -> Tables:
-    """The tables of the sweep at `folder`, rebuilt from its files first when missing or stale.
+    """The tables of the sweep at `folder` (its local folder or storage URI), rebuilt from its files
+    first when missing or stale.
 
-    Stale: a source file is newer (mtime) than the oldest table. Sources: the driver's
-    `decisions.jsonl` and `final/runs.jsonl`, and each Ray trial's `result.json` when the Ray
-    experiment is on a local path (with a `storage` URI such as s3:// those are not checked)."""
-    folder = Path(folder)
+    Stale: a source is newer (mtime) than the oldest table. Sources: the decisions and the retrain's
+    runs, and each Ray trial's `result.json` when the sweep is on a local path (on a storage URI
+    such as s3:// those are not checked: listing every trial costs a request each)."""
     if _stale(folder):
         write_tables(folder)
     tables = load_tables(folder)
     return Tables(**{name: tables[name] for name in Tables._fields})
 
 
-def _stale(folder: Path) -> bool:
-    paths = [folder / TABLES_DIR / f"{name}.parquet" for name in schema.TABLES]
-    if not all(p.exists() for p in paths):
+def _stale(folder: str | os.PathLike) -> bool:
+    settings = read_settings(folder)
+    store = settings.store
+    built = [store.mtime_ns(table_name(name)) for name in schema.TABLES]
+    if None in built:
         return False  # load_tables builds them
-    oldest = min(p.stat().st_mtime_ns for p in paths)
-    sources = [folder / DECISIONS_NAME, folder / FINAL_RUNS]
-    experiment = read_settings(folder).experiment_path
-    if "://" not in experiment:
-        sources += Path(experiment).glob("*/result.json")
-    return any(p.exists() and p.stat().st_mtime_ns > oldest for p in sources)
+    oldest = min(built)
+    sources = [store.newest_mtime_ns(DECISIONS_NAME), store.newest_mtime_ns(FINAL_RUNS)]
+    if not store.remote:
+        sources += [p.stat().st_mtime_ns for p in Path(settings.experiment_path).glob("*/result.json")]
+    return any(t is not None and t > oldest for t in sources)

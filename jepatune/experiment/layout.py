@@ -43,10 +43,12 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The rows of a JSON-lines file ([] when it is missing); a line cut by a crash is skipped."""
     path = Path(path)
-    if not path.is_file():
-        return []
+    return parse_jsonl(path.read_text(encoding="utf-8")) if path.is_file() else []
+
+
+def parse_jsonl(text: str) -> list[dict[str, Any]]:
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         try:
             rows.append(json.loads(line))
         except ValueError:

@@ -25,6 +25,7 @@ from jepatune.atomic import atomic_write_text, unwritable_ancestor
 from jepatune.errors import ConfigError, JepatuneError
 from jepatune.experiment.fidelity import FIDELITIES, GRACE_DEFAULT_FRAC, Fidelity, get_fidelity, rung_steps
 from jepatune.experiment.layout import SETTINGS_NAME
+from jepatune.experiment.store import Store, is_uri, join
 from jepatune.trainer.config import PRESETS, TrainConfig, check_type, load_config, read_toml
 
 SAMPLERS = ("tpe", "random")
@@ -101,10 +102,15 @@ class SweepSettings:
 
     @property
     def experiment_path(self) -> str:
-        """Where Ray keeps the trials: the folder itself, or STORAGE/NAME."""
+        """Where the sweep lives, Ray's trials and every file of ours: the folder itself, or STORAGE/NAME
+        (then the local folder holds a copy of sweep.json, which points there, and the report)."""
         if self.storage is None:
             return str(self.folder)
-        return self.storage.rstrip("/") + "/" + self.name
+        return join(self.storage, self.name)
+
+    @property
+    def store(self) -> Store:
+        return Store(self.experiment_path)
 
     def validate(self) -> None:
         if not self.data:
@@ -151,6 +157,8 @@ class AblationSettings:
     steps: int = setting(0, "each run's budget (0 = the base recipe's)")
     out: str | None = setting(None, "where the ablation folder goes (default: SWEEP/ablations with --sweep, else "
                                     "runs/ablations)", metavar="DIR")
+    storage: str | None = setting(None, "where the runs keep their results on a cluster: s3://bucket/path or a "
+                                        "shared folder (default: the folder itself)", metavar="URI")
     name: str | None = setting(None, "ablation folder name (default: the variant sets' names, else ablation)")
     concurrency: int = setting(2, "runs at once")
     cpus_per_trial: float = setting(1.0, "CPUs Ray gives each run")
@@ -166,6 +174,15 @@ class AblationSettings:
         out = self.out or (str(Path(self.sweep) / "ablations") if self.sweep else "runs/ablations")
         return Path(out).resolve() / (self.name or "_".join(self.variant_sets) or "ablation")
 
+    @property
+    def experiment_path(self) -> str:
+        """Where the runs and their results live: the folder, or STORAGE/NAME."""
+        return str(self.folder) if self.storage is None else join(self.storage, self.folder.name)
+
+    @property
+    def store(self) -> Store:
+        return Store(self.experiment_path)
+
     def validate(self) -> None:
         if self.preset is not None and self.preset not in PRESETS:
             hint = f" (a set of variants: give --variants {self.preset})" if self.preset in VARIANT_SETS else ""
@@ -176,6 +193,8 @@ class AblationSettings:
                 raise JepatuneError(f"--{key.replace('_', '-')}={getattr(self, key)}: must be at least {low}")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
             raise JepatuneError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+        if self.storage is not None:
+            check_storage(self.storage)
         for name in self.variant_sets:
             if name not in VARIANT_SETS:
                 raise JepatuneError(f"--variants {name!r} is unknown; choose one of {', '.join(VARIANT_SETS)}")
@@ -269,26 +288,64 @@ def provenance() -> dict[str, Any]:
     return {"versions": versions(), "git_commit": git_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
+def publish(settings: SweepSettings | AblationSettings, name: str, text: str) -> str:
+    """Write the file `name` where the experiment lives and, with storage, in its local folder too (the
+    record there says where the experiment is; best.toml is what a user opens). Returns where it is."""
+    settings.store.write_text(name, text)
+    if settings.storage is not None:
+        atomic_write_text(settings.folder / name, text)
+    return str(settings.folder / name) if settings.storage is not None else settings.store.uri(name)
+
+
+def write_record(settings: SweepSettings | AblationSettings, name: str, record: dict[str, Any]) -> None:
+    """An experiment's record (`sweep.json`, `ablation.json`)."""
+    publish(settings, name, json.dumps(record, indent=1, default=str) + "\n")
+
+
+def local_folder(settings: SweepSettings) -> Path:
+    """The sweep's local folder, made when a driver on another machine opens the sweep by its URI: it
+    gets the record (which says where the sweep lives) and later the report."""
+    if not (settings.folder / SETTINGS_NAME).is_file():
+        atomic_write_text(settings.folder / SETTINGS_NAME, settings.store.read_text(SETTINGS_NAME) or "")
+    return settings.folder
+
+
 def write_metadata(settings: SweepSettings, config: TrainConfig, space) -> None:
-    meta = {"settings": dataclasses.asdict(settings), "base": config.to_dict(), "space": space.name,
-            "space_params": list(space.params), "rungs": list(settings.rungs), **provenance()}
-    atomic_write_text(settings.folder / SETTINGS_NAME, json.dumps(meta, indent=1, default=str) + "\n")
+    write_record(settings, SETTINGS_NAME, {
+        "settings": dataclasses.asdict(settings), "base": config.to_dict(), "space": space.name,
+        "space_params": list(space.params), "rungs": list(settings.rungs), **provenance()})
 
 
-def read_metadata(folder: str | os.PathLike) -> dict[str, Any]:
-    """Everything `sweep.json` records (settings, base recipe, space, rungs, versions)."""
-    path = Path(folder).resolve() / SETTINGS_NAME
-    if not path.is_file():
-        raise JepatuneError(f"{Path(folder).resolve()} is not a jepatune sweep (no {SETTINGS_NAME}); give the "
-                            "folder `search` made")
-    return json.loads(path.read_text())
+def read_record(location: str | os.PathLike, name: str, what: str) -> dict[str, Any]:
+    """The record `name` of the experiment at `location` (a local folder or a storage URI)."""
+    where = str(location) if is_uri(location) else Path(location).resolve()
+    record = Store(where).read_json(name)
+    if record is None:
+        raise JepatuneError(f"{where} is not a jepatune {what} (no {name}); give the folder "
+                            f"`{'search' if what == 'sweep' else 'jepatune ablate'}` made (or its storage URI)")
+    return record
 
 
-def read_settings(folder: str | os.PathLike) -> SweepSettings:
-    """The settings a sweep started with, located where the folder is now: the recorded `--out`
-    may be relative to another working directory, or the folder may have moved since."""
-    folder = Path(folder).resolve()
-    settings = SweepSettings(**read_metadata(folder)["settings"])
-    # With --storage, Ray's experiment is STORAGE/NAME: keep the recorded name.
+def read_metadata(location: str | os.PathLike) -> dict[str, Any]:
+    """Everything `sweep.json` records (settings, base recipe, space, rungs, versions), read where
+    the sweep lives."""
+    local = read_record(location, SETTINGS_NAME, "sweep")
+    storage = local["settings"].get("storage")
+    if is_uri(location) or storage is None:
+        return local
+    return read_record(join(storage, local["settings"]["name"]), SETTINGS_NAME, "sweep")
+
+
+def read_settings(location: str | os.PathLike, out: str | os.PathLike | None = None) -> SweepSettings:
+    """The settings a sweep started with, located where it is now: its local folder (the recorded
+    `--out` may be relative to another working directory, or the folder may have moved since), or
+    its storage URI (STORAGE/NAME), with the local folder under `out` (default: runs)."""
+    if is_uri(location):
+        settings = SweepSettings(**read_record(location, SETTINGS_NAME, "sweep")["settings"])
+        storage, _, name = str(location).rstrip("/").rpartition("/")
+        return dataclasses.replace(settings, storage=storage, name=name, out=str(out or "runs"))
+    folder = Path(location).resolve()
+    settings = SweepSettings(**read_record(folder, SETTINGS_NAME, "sweep")["settings"])
+    # With --storage, the sweep is STORAGE/NAME: keep the recorded name.
     return dataclasses.replace(settings, out=str(folder.parent),
                                name=folder.name if settings.storage is None else settings.name)

@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,14 +30,14 @@ from ray import tune
 
 from jepatune.analysis.ablation import BASE, load_ablation, read_plan, write_ablation_tables
 from jepatune.analysis.tables import load_tables
-from jepatune.atomic import atomic_write_text
 from jepatune.errors import ConfigError, JepatuneError
 from jepatune.experiment.layout import ABLATION_NAME, BEST_NAME, CACHE_DIR
-from jepatune.experiment.settings import AblationSettings, base_config, provenance, read_settings
+from jepatune.experiment.settings import AblationSettings, base_config, provenance, read_settings, write_record
+from jepatune.experiment.store import join
 from jepatune.experiment.trials import KNOBS, config_key
 from jepatune.search.retrain import best_trial, recipe_config, reference_of
 from jepatune.search.sweep import ensure_ray
-from jepatune.search.trainable import trial_resources
+from jepatune.search.trainable import FinishedCache, trial_resources
 from jepatune.trainer.config import PRESETS, REGULARIZERS, TrainConfig, load_config
 
 # Knobs that are not factors of an ablation, and where they are set instead.
@@ -55,9 +56,9 @@ class Variant:
 def sweep_best(folder: str | os.PathLike) -> TrainConfig:
     """A sweep's best recipe: its best.toml (the winner of its retrain), else its best completed trial."""
     settings = read_settings(folder)  # a clear error when it is not a sweep
-    if (path := settings.folder / BEST_NAME).is_file():
-        return load_config(path)
-    trials = load_tables(settings.folder)["trials"]
+    if (best := settings.store.read_text(BEST_NAME)) is not None:
+        return load_config(None, tomllib.loads(best))
+    trials = load_tables(folder)["trials"]
     best = best_trial(trials)
     knobs = {k: best[k] for k in trials.columns if k in KNOBS}
     return recipe_config(base_config(settings), knobs, settings.final_steps or settings.trial_steps)
@@ -201,14 +202,15 @@ def _same_plan(stored: dict[str, Any], plan: dict[str, Any]) -> bool:
 # --- running ----------------------------------------------------------------------------------
 
 def ablation_run(params: dict[str, Any], *, configs: dict[str, dict[str, Any]], cache_dir: str) -> None:
-    """The function Ray runs for each (variant, seed): train, score after the round trip, cache, report."""
+    """The function Ray runs for each (variant, seed): train, score after the round trip, cache (where
+    the ablation lives), report."""
     from jepatune.trainer.loop import train
 
     variant, k = params["variant"], int(params["seed"])
     config = seeded(TrainConfig.from_dict(configs[variant]), k)
-    cache = Path(cache_dir) / f"{config_key(config)}.json"
-    if cache.exists():  # finished in an earlier session: report it again, do not retrain
-        tune.report({**_for_ray(json.loads(cache.read_text())), "cached": True})
+    cache = FinishedCache(cache_dir, config_key(config))
+    if (saved := cache.read()) is not None:  # finished in an earlier session: report it again, do not retrain
+        tune.report({**_for_ray(json.loads(saved)), "cached": True})
         return
     result = train(config, final_score=True)
     s = result.summary
@@ -218,7 +220,7 @@ def ablation_run(params: dict[str, Any], *, configs: dict[str, dict[str, Any]], 
                                           "artifact_bytes", "elapsed_s")}}
     if not math.isfinite(row["val_bpb"] or math.nan):
         row["val_bpb"] = None  # diverged: no score (a table NaN), never a non-finite number in JSON
-    atomic_write_text(cache, json.dumps(row))  # before the report: nothing after it is sure to run
+    cache.write(row)  # before the report: nothing after it is sure to run
     tune.report({**_for_ray(row), "cached": False})
 
 
@@ -251,10 +253,11 @@ class RunLines(tune.Callback):
         self._line(trial, f"errored (see {trial.path})")
 
 
-def _tuner(settings: AblationSettings, variants: tuple[Variant, ...], folder: Path):
+def _tuner(settings: AblationSettings, variants: tuple[Variant, ...]):
+    root = settings.experiment_path
     trainable = tune.with_resources(
         tune.with_parameters(ablation_run, configs={v.name: v.config.to_dict() for v in variants},
-                             cache_dir=str(folder / CACHE_DIR)),
+                             cache_dir=join(root, CACHE_DIR)),
         trial_resources(settings.cpus_per_trial, settings.gpus_per_trial))
     return tune.Tuner(
         trainable,
@@ -262,14 +265,18 @@ def _tuner(settings: AblationSettings, variants: tuple[Variant, ...], folder: Pa
                      "seed": tune.grid_search(list(range(settings.seeds)))},
         tune_config=tune.TuneConfig(max_concurrent_trials=settings.concurrency, reuse_actors=True),
         # A fresh experiment each session, in the same folder: what had finished answers from finished/.
-        run_config=tune.RunConfig(name=folder.name, storage_path=str(folder.parent), verbose=0,
+        run_config=tune.RunConfig(name=settings.folder.name, verbose=0,
+                                  storage_path=settings.storage or str(settings.folder.parent),
                                   failure_config=tune.FailureConfig(max_failures=settings.max_failures),
                                   callbacks=[RunLines(len(variants) * settings.seeds)]))
 
 
-def _restore(folder: Path) -> tuple[AblationSettings, tuple[Variant, ...]]:
-    stored = read_plan(folder)
+def _restore(given: AblationSettings) -> tuple[AblationSettings, tuple[Variant, ...]]:
+    """The recorded plan: from the local folder, or with --storage from STORAGE/NAME alone."""
+    stored = read_plan(given.experiment_path)
     settings = AblationSettings.from_record(stored["settings"])
+    if given.storage is not None:  # resumed on another machine: the local folder is the one given here
+        settings = dataclasses.replace(settings, out=str(given.folder.parent), name=given.folder.name)
     variants = tuple(Variant(v["name"], v["change"], TrainConfig.from_dict(v["config"])) for v in stored["variants"])
     return settings, variants
 
@@ -280,32 +287,34 @@ def run_ablation(settings: AblationSettings, *, resume: bool = False, log=print)
     plan continues and one that holds another is an error."""
     from jepatune.trainer.data import check_data
 
-    folder = settings.folder
     if resume:
-        settings, variants = _restore(folder)
+        settings, variants = _restore(settings)
     else:
         variants = plan_variants(settings, log)
     base = variants[0].config
     check_data(base.data_path, base.train_seq_len, base.val_tokens)
     plan = plan_json(settings, variants)
-    if (folder / ABLATION_NAME).exists():
-        if not _same_plan(read_plan(folder), plan):
-            raise JepatuneError(f"{folder} holds another ablation (other variants or seeds); continue it with "
+    store, where = settings.store, settings.experiment_path
+    if store.exists(ABLATION_NAME):
+        if not _same_plan(read_plan(where), plan):
+            raise JepatuneError(f"{where} holds another ablation (other variants or seeds); continue it with "
                                 f"--resume, or choose another --name or --out")
+        if not (settings.folder / ABLATION_NAME).is_file():  # continued on another machine
+            write_record(settings, ABLATION_NAME, read_plan(where))
     else:
-        meta = {**plan, **provenance()}
-        atomic_write_text(folder / ABLATION_NAME, json.dumps(meta, indent=1) + "\n")
-    finished = sum((folder / CACHE_DIR / f"{r['config_key']}.json").exists() for r in plan["runs"])
+        write_record(settings, ABLATION_NAME, {**plan, **provenance()})
+    done = set(store.names(CACHE_DIR, ".json"))
+    finished = sum(f"{r['config_key']}.json" in done for r in plan["runs"])
     log(f"{len(variants)} variants x {settings.seeds} seeds at {plan['steps']} steps: {len(plan['runs'])} runs, "
-        f"{finished} finished before; folder {folder}")
+        f"{finished} finished before; folder {where}")
     for v in variants:
         log(f"  {v.name}: {v.change or '(the base recipe)'}")
     if finished < len(plan["runs"]):  # else no Ray at all: the tables are rebuilt from the folder
         os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
         ensure_ray()
-        _tuner(settings, variants, folder).fit()
-    write_ablation_tables(folder)
-    return load_ablation(folder)[0]
+        _tuner(settings, variants).fit()
+    write_ablation_tables(where)
+    return load_ablation(where)[0]
 
 
 def describe(table: pd.DataFrame) -> str:

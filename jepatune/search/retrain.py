@@ -21,9 +21,10 @@ import pandas as pd
 from jepatune.analysis import schema
 from jepatune.analysis.explore import compare_final
 from jepatune.analysis.tables import write_parquet
-from jepatune.atomic import atomic_write_text
 from jepatune.errors import ConfigError, JepatuneError
-from jepatune.experiment.layout import BEST_NAME, FINAL_DIR, RUNS_NAME, TABLES_DIR, append_jsonl, read_jsonl
+from jepatune.experiment.layout import BEST_NAME, FINAL_DIR, FINAL_RUNS, TABLES_DIR
+from jepatune.experiment.settings import SweepSettings, publish
+from jepatune.experiment.store import Store
 from jepatune.experiment.trials import config_key
 from jepatune.trainer.config import TrainConfig
 
@@ -62,10 +63,10 @@ def recipe_config(base: TrainConfig, knobs: dict[str, Any], steps: int) -> Train
                                   "val_loss_every": max(1, steps // 10)})
 
 
-def write_best(folder: Path, config: TrainConfig) -> Path:
-    path = folder / BEST_NAME
-    atomic_write_text(path, "# The best recipe of this sweep: jepatune train --config best.toml\n" + config.to_toml())
-    return path
+def write_best(settings: SweepSettings, config: TrainConfig) -> str:
+    """best.toml where the sweep lives (and in its local folder); returns the local one when there is one."""
+    return publish(settings, BEST_NAME, "# The best recipe of this sweep: jepatune train --config best.toml\n"
+                   + config.to_toml())
 
 
 # The knobs that make a ByteJEPA recipe rather than a model or a budget: resetting them to the
@@ -83,34 +84,34 @@ def retrain_recipe(config: TrainConfig, out: Path, seeds: int, cpus: float = 1.0
                    log=print) -> pd.DataFrame:
     """`jepatune retrain CONFIG`: the config and its reference (same shape, data and budget), `seeds`
     seeds each in parallel; rows in OUT/final/runs.jsonl and OUT/tables/final.parquet."""
-    frame = retrain(out, {"recipe": config, "reference": reference_of(config)}, retrain_seeds(config.seed, seeds),
-                    cpus, gpus, log=log)
+    frame = retrain(Store(out), {"recipe": config, "reference": reference_of(config)},
+                    retrain_seeds(config.seed, seeds), cpus, gpus, log=log)
     write_parquet(pd.DataFrame(frame, columns=list(schema.FINAL)).astype(schema.FINAL),
                   out / TABLES_DIR / "final.parquet")
     return compare_final(frame)
 
 
-def _run_one(config: dict[str, Any], out_dir: str) -> dict[str, Any]:
-    import shutil
-
+def _run_one(config: dict[str, Any], store: Store, rel: str) -> dict[str, Any]:
+    """Train in a fresh local folder on whichever node runs this, then put the run's files where the
+    experiment lives (what was there is not a finished run of this config: a run cut by a crash, or
+    one at another budget)."""
+    from jepatune.search.trainable import work_dir
     from jepatune.trainer.loop import train
 
-    # Whatever is there is not a finished run of this config (that would be skipped): a run cut by a
-    # crash, or one at another budget. metrics.jsonl is appended to, so start from an empty folder.
-    shutil.rmtree(out_dir, ignore_errors=True)
-    result = train(TrainConfig.from_dict(config), out_dir=out_dir)
+    with work_dir() as out_dir:
+        result = train(TrainConfig.from_dict(config), out_dir=out_dir)
+        store.put_dir(out_dir, rel)
     return result.summary
 
 
-def retrain(folder: Path, runs: dict[str, TrainConfig], seeds: Sequence[int], cpus: float, gpus: float,
+def retrain(store: Store, runs: dict[str, TrainConfig], seeds: Sequence[int], cpus: float, gpus: float,
             log=print, about: dict[str, dict[str, Any]] | None = None) -> pd.DataFrame:
     """Train every recipe in `runs` with each of `seeds` in parallel, skipping runs finished before;
-    return the final table rows of these runs. `about` adds columns to a recipe's rows (its trial)."""
+    return the final table rows of these runs. `about` adds columns to a recipe's rows (its trial).
+    Rows go to `store`'s final/runs.jsonl as each run ends; each run's files to final/RECIPE-seedK."""
     import ray
 
-    final_dir = folder / FINAL_DIR
-    final_dir.mkdir(parents=True, exist_ok=True)
-    done = {_run_key(r["recipe"], r["seed"], r.get("config_key")) for r in _read_runs(final_dir)}
+    done = {_run_key(r["recipe"], r["seed"], r.get("config_key")) for r in store.read_rows(FINAL_RUNS)}
     task = ray.remote(_run_one).options(num_cpus=cpus, num_gpus=gpus)
     pending, wanted = {}, set()
     for recipe, config in runs.items():
@@ -119,7 +120,7 @@ def retrain(folder: Path, runs: dict[str, TrainConfig], seeds: Sequence[int], cp
             wanted.add(key := _run_key(recipe, seed, config_key(c)))
             if key in done:
                 continue
-            ref = task.remote(c.to_dict(), str(final_dir / f"{recipe}-seed{seed}"))
+            ref = task.remote(c.to_dict(), store, f"{FINAL_DIR}/{recipe}-seed{seed}")
             pending[ref] = (recipe, seed, c)
     t0 = time.perf_counter()
     while pending:
@@ -132,19 +133,15 @@ def retrain(folder: Path, runs: dict[str, TrainConfig], seeds: Sequence[int], cp
                                                "avg_q_bpb", "artifact_bytes", "total_bytes", "fits_cap",
                                                "elapsed_s")},
                **(about or {}).get(recipe, {})}
-        append_jsonl(final_dir / RUNS_NAME, row)  # kept as soon as it ends
+        store.append_row(FINAL_RUNS, row)  # kept as soon as it ends
         log(f"  retrain {recipe} seed {seed}: val_bpb {row['val_bpb']:.4f} after the int8+zlib round trip "
             f"({time.perf_counter() - t0:.0f}s, {len(pending)} left)")
-    rows = [r for r in _read_runs(final_dir) if _run_key(r["recipe"], r["seed"], r.get("config_key")) in wanted]
+    rows = [r for r in store.read_rows(FINAL_RUNS) if _run_key(r["recipe"], r["seed"], r.get("config_key")) in wanted]
     return pd.DataFrame(rows)
 
 
 def _run_key(recipe: str, seed: int, key: str | None) -> tuple[str, int, str | None]:
     return recipe, int(seed), key
-
-
-def _read_runs(final_dir: Path) -> list[dict[str, Any]]:
-    return read_jsonl(final_dir / RUNS_NAME)
 
 
 # --- several workers for one run: Ray Train -------------------------------------------------

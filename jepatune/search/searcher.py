@@ -16,13 +16,12 @@ from __future__ import annotations
 import logging
 import random
 import time
-from pathlib import Path
 
 import optuna
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from jepatune.experiment.layout import append_jsonl, read_jsonl
+from jepatune.experiment.store import file_store
 from jepatune.experiment.trials import METRIC, PENALIZED, TIME_ATTR
 from jepatune.spaces import FAILURE_CONSTRAINT
 
@@ -135,6 +134,7 @@ class RecordingASHA(ASHAScheduler):
             for bracket in self._brackets:
                 bracket._rungs = [(m, {}) for m in sorted(milestones[:-1], reverse=True)]
         self.decisions_path = decisions_path
+        self._decisions = file_store(decisions_path)  # (store, name): where the sweep lives
         self.audit_frac = audit_frac
         self._audit_rng = random.Random(audit_seed)
         self._replayed = False  # pickled False into tuner.pkl, so a resumed driver replays once
@@ -151,7 +151,8 @@ class RecordingASHA(ASHAScheduler):
         started, with empty rungs. Refill them from the decisions file so the cut-offs carry on, and
         stop again a trial that was stopped after the last snapshot (it resumes as running)."""
         self._replayed = True
-        rows = [r for r in read_jsonl(Path(self.decisions_path)) if {"trial_id", "rung", "value"} <= r.keys()]
+        store, name = self._decisions
+        rows = [r for r in store.read_rows(name) if {"trial_id", "rung", "value"} <= r.keys()]
         for bracket in self._brackets:  # one bracket (Ray's default), so every trial is in it
             for milestone, recorded in bracket._rungs:
                 recorded.update({r["trial_id"]: self._metric_op * r["value"] for r in rows if r["rung"] == milestone})
@@ -207,7 +208,6 @@ class RecordingASHA(ASHAScheduler):
         # measured at (the same but for `restart`, whose clock also counts the earlier rungs' runs).
         row = {"trial_id": trial_id, "rung": int(rung), "step": int(result.get(TIME_ATTR, result[self._time_attr])),
                "value": float(result[self._metric]), "cutoff": cutoff, "decision": decision, "time": time.time()}
-        path = Path(self.decisions_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        append_jsonl(path, row)
+        store, name = self._decisions
+        store.append_row(name, row)
 

@@ -12,20 +12,27 @@ from pathlib import Path
 from typing import Any
 
 from jepatune.errors import JepatuneError
-from jepatune.experiment.layout import CACHE_DIR, DECISIONS_NAME, SETTINGS_NAME, filesystem
-from jepatune.experiment.settings import SweepSettings, base_config, read_settings, write_metadata
+from jepatune.experiment.layout import CACHE_DIR, DECISIONS_NAME, SETTINGS_NAME
+from jepatune.experiment.settings import (
+    SweepSettings,
+    base_config,
+    local_folder,
+    read_settings,
+    write_metadata,
+)
+from jepatune.experiment.store import is_uri, join
 from jepatune.experiment.trials import KNOBS, METRIC
 
 # Ray snapshots the experiment (trial states, the checkpoint each trial restarts from, the searcher)
-# every TUNE_GLOBAL_CHECKPOINT_S ("auto": 10 s or more). `--resume` starts from the last snapshot, so
-# a hard kill costs each running trial its work since the checkpoint that snapshot names: at most
-# this period more than its current rung (finished trials cost nothing: trainable.py caches them).
-# Checkpoints are all kept until the sweep ends: with num_to_keep=1 Ray deletes a trial's previous
-# checkpoint when it registers the next, while the snapshot on disk (copied in the background) can
-# still name it, and the trial then fails to restore ("does not exist on storage anymore": 2 of 9
-# killed test sweeps). num_to_keep also forced a snapshot at every checkpoint, each waiting for the
-# previous copy; a 2 s period costs less when many trials run.
-SNAPSHOT_PERIOD_S = "2"
+# with its own back-off, "auto": every max(10 s, 19 x the last snapshot's write time), so snapshots
+# take at most 5% of the driver's time however many trials the experiment holds. `--resume` starts
+# from the last snapshot, so a hard kill costs each trial running then its work since the checkpoint
+# that snapshot names: at most its last rung and one snapshot period. Finished trials cost nothing
+# (the finished-trial cache) and ASHA's decisions are logged as they are taken, not snapshotted. A
+# trial keeps its rung checkpoints while it runs (with num_to_keep=1 Ray deletes the previous one
+# while the snapshot on storage can still name it: 2 of 9 killed test sweeps failed to restore);
+# once it ends, retention.py drops their training state. TUNE_GLOBAL_CHECKPOINT_S, when set, wins.
+SNAPSHOT_PERIOD_S = "auto"
 
 
 def ensure_ray() -> None:
@@ -44,7 +51,7 @@ def make_trainable(settings: SweepSettings, config):
 
     return tune.with_resources(
         tune.with_parameters(run_trial, base=config.to_dict(), trial_steps=settings.trial_steps,
-                             rungs=settings.rungs, cache_dir=str(settings.folder / CACHE_DIR),
+                             rungs=settings.rungs, cache_dir=join(settings.experiment_path, CACHE_DIR),
                              checkpoint_every=settings.checkpoint_every, fidelity=settings.rung_fidelity,
                              probe_steps=settings.probe_length),
         trial_resources(settings.cpus_per_trial, settings.gpus_per_trial))
@@ -71,7 +78,7 @@ def make_search(settings: SweepSettings, space):
     milestones = fidelity.milestones(settings.rungs)
     scheduler = RecordingASHA(time_attr=fidelity.time_attr, max_t=milestones[-1], grace_period=milestones[0],
                               reduction_factor=settings.reduction_factor, milestones=milestones,
-                              decisions_path=str(settings.folder / DECISIONS_NAME),
+                              decisions_path=join(settings.experiment_path, DECISIONS_NAME),
                               audit_frac=settings.audit_frac, audit_seed=settings.seed)
     return searcher, scheduler
 
@@ -80,6 +87,7 @@ def _build_tuner(settings: SweepSettings, config, space, restore: bool):
     from ray import tune
 
     from jepatune.search.progress import TrialLines
+    from jepatune.search.retention import DropEndedState
 
     trainable = make_trainable(settings, config)
     path = settings.experiment_path
@@ -106,55 +114,49 @@ def _build_tuner(settings: SweepSettings, config, space, restore: bool):
                                   failure_config=tune.FailureConfig(max_failures=settings.max_failures),
                                   # num_to_keep unset: see SNAPSHOT_PERIOD_S
                                   checkpoint_config=tune.CheckpointConfig(), verbose=0,
-                                  callbacks=[TrialLines(settings.samples, settings.trial_steps)]),
+                                  callbacks=[TrialLines(settings.samples, settings.trial_steps), DropEndedState()]),
     )
 
 
 def run_sweep(settings: SweepSettings, *, resume: bool = False):
     """Run (or resume) a sweep, then write its tables. Returns Ray's ResultGrid."""
     from jepatune.analysis.tables import write_tables
+    from jepatune.search.retention import prune_after_sweep
     from jepatune.spaces import get_space
     from jepatune.trainer.data import check_data
     from jepatune.trainer.final import trainer_code_bytes
 
     if resume:
-        settings = read_settings(settings.folder)
+        settings = resumed_settings(settings)
     settings.validate()
     config = base_config(settings)
     space = get_space(settings.space, base=config, code_bytes=trainer_code_bytes())
     check_data(config.data_path, config.train_seq_len, config.val_tokens)
     folder = settings.folder
-    if not resume and (folder / SETTINGS_NAME).exists():
-        raise JepatuneError(f"{folder} already holds a sweep; resume it with --resume or choose another --name/--out")
+    if not resume and settings.store.exists(SETTINGS_NAME):
+        raise JepatuneError(f"{settings.experiment_path} already holds a sweep; resume it with --resume or choose "
+                            "another --name/--out")
     folder.mkdir(parents=True, exist_ok=True)
     if not resume:
         write_metadata(settings, config, space)
+    else:  # resumed on another machine from the storage URI alone: the local folder is made anew
+        local_folder(settings)
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", SNAPSHOT_PERIOD_S)  # read when the Tuner starts
     ensure_ray()
     tuner = _build_tuner(settings, config, space, restore=resume)
     grid = tuner.fit()  # ends with a last snapshot, which names each trial's newest checkpoint
-    prune_checkpoints(settings.experiment_path)
+    prune_after_sweep(settings.experiment_path)
     write_tables(folder)
     return grid
 
 
-def prune_checkpoints(experiment: str) -> int:
-    """Delete every trial checkpoint but the newest of its trial; return how many went. Only
-    once a sweep has ended: during it, the last snapshot may still name an older one."""
-    import pyarrow.fs as pafs
-
-    fs, root = filesystem(experiment)
-    removed = 0
-    for trial in fs.get_file_info(pafs.FileSelector(root)):
-        if trial.type != pafs.FileType.Directory:
-            continue
-        checkpoints = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(trial.path))
-                             if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
-        for path in checkpoints[:-1]:  # checkpoint_000000, _000001, ...: the name orders them
-            fs.delete_dir(path)
-            removed += 1
-    return removed
+def resumed_settings(given: SweepSettings) -> SweepSettings:
+    """The settings a sweep started with, for `--resume`: from its local folder, or with `--storage`
+    from STORAGE/NAME alone (a driver on another machine: the local folder is made anew under --out)."""
+    if given.storage is not None:
+        return read_settings(given.experiment_path, out=given.out)
+    return read_settings(given.folder)
 
 
 def finalize(folder: str | os.PathLike, *, final_steps: int = 0, final_seeds: int = 0, finalists: int = 0,
@@ -166,7 +168,7 @@ def finalize(folder: str | os.PathLike, *, final_steps: int = 0, final_seeds: in
     from jepatune.analysis.tables import load_tables, write_tables
     from jepatune.search.retrain import recipe_config, retrain, retrain_seeds, top_trials, write_best
 
-    folder = Path(folder).resolve()
+    folder = str(folder) if is_uri(folder) else Path(folder).resolve()
     settings = read_settings(folder)
     write_tables(folder)
     trials = load_tables(folder)["trials"]
@@ -193,9 +195,9 @@ def finalize(folder: str | os.PathLike, *, final_steps: int = 0, final_seeds: in
     log(f"retraining {len(top)} finalists ({named}) and the reference at {steps} steps, seeds "
         f"{', '.join(map(str, seeds))} (no trial trained with them)")
     ensure_ray()
-    retrain(folder, runs, seeds, settings.cpus_per_trial, settings.gpus_per_trial, log=log, about=about)
+    retrain(settings.store, runs, seeds, settings.cpus_per_trial, settings.gpus_per_trial, log=log, about=about)
     write_tables(folder)
     table = load_tables(folder)["finalists"]
     winner = table[table["winner"]].iloc[0]["recipe"]
-    log(f"winner: {winner} (the best retrain mean); its recipe in {write_best(folder, runs[winner])}")
+    log(f"winner: {winner} (the best retrain mean); its recipe in {write_best(settings, runs[winner])}")
     return table

@@ -23,13 +23,15 @@ from ray import tune
 
 from jepatune.atomic import atomic_write_text
 from jepatune.experiment.fidelity import SNAPSHOT, Fidelity
+from jepatune.experiment.store import Store
 from jepatune.experiment.trials import METRIC, PENALTY_BPB, TIME_ATTR, config_key, trial_config, trial_key
 from jepatune.spaces import memory_violation
 from jepatune.trainer.checkpoint import CHECKPOINT_NAME
 from jepatune.trainer.config import TrainConfig
 
 RESTART_STATE = "restart_state.json"
-RESULT_NAME = "trial_result.json"
+RESULT_NAME = "trial_result.json"  # a completed trial's final report, in its last checkpoint
+RUNG_RESULT = "rung_result.json"  # the report a rung checkpoint came with
 # Test hook: a path; the first trial to start training while no file is there creates it and fails
 # with an allocation error, as a machine out of memory would (tests of the retry and of resume).
 INJECT_OOM_ENV = "JEPATUNE_INJECT_OOM"
@@ -40,12 +42,30 @@ def estimated_flops(config: TrainConfig, params: int, tokens: int) -> float:
     return float(tokens) * (6 * params + 6 * config.num_layers * config.train_seq_len * config.model_dim)
 
 
-def _report_if_finished(result_file: Path) -> bool:
-    """Report the finished result saved in `result_file` again (no training), if there is one."""
-    if not result_file.exists():
+class FinishedCache:
+    """A recipe's entry in the cache of finished trials, kept where the sweep lives, so that the node
+    that trains a recipe and a driver resumed on another machine see the same entry."""
+
+    def __init__(self, cache_dir: str, key: str):
+        self.store, self.rel = Store(cache_dir), f"{key}.json"
+
+    def read(self) -> str | None:
+        return self.store.read_text(self.rel)
+
+    def write(self, result: dict[str, Any]) -> None:
+        self.store.write_text(self.rel, json.dumps(result))
+
+
+def _report_if_finished(saved: str | None) -> bool:
+    """Report a finished result saved before (JSON text) again, with no training, if there is one."""
+    if saved is None:
         return False
-    tune.report({**json.loads(result_file.read_text()), "cached": True})
+    tune.report({**json.loads(saved), "cached": True})
     return True
+
+
+def _saved(path: Path) -> str | None:
+    return path.read_text() if path.is_file() else None
 
 
 def run_trial(suggestion: dict[str, Any], *, base: dict[str, Any], trial_steps: int, rungs: tuple[int, ...],
@@ -63,8 +83,8 @@ def run_trial(suggestion: dict[str, Any], *, base: dict[str, Any], trial_steps: 
         tune.report({METRIC: PENALTY_BPB, TIME_ATTR: 0, "tokens": 0, "status": "infeasible", "reason": reason,
                      "trial_steps": trial_steps, "node": node, "config_key": config_key(config)})
         return
-    cache = Path(cache_dir) / f"{trial_key(config, fidelity)}.json"
-    if _report_if_finished(cache):
+    cache = FinishedCache(cache_dir, trial_key(config, fidelity))
+    if _report_if_finished(cache.read()):
         return
     if fidelity.restarts:
         _run_restart(config, rungs, cache, node, fidelity)
@@ -77,9 +97,13 @@ def run_trial(suggestion: dict[str, Any], *, base: dict[str, Any], trial_steps: 
         resume_from = None
         if checkpoint is not None:
             restored = Path(checkpoint.to_directory(str(scratch / "restored")))
-            if _report_if_finished(restored / RESULT_NAME):  # the trial had finished: do not retrain
+            if _report_if_finished(_saved(restored / RESULT_NAME)):  # the trial had finished: do not retrain
                 return
             resume_from = restored / CHECKPOINT_NAME
+            if not resume_from.exists():  # the trial had ended and its state was dropped (retention.py)
+                if _report_if_finished(_saved(restored / RUNG_RESULT)):  # the rung it was stopped at
+                    return
+                resume_from = None
         ckpt_dir = scratch / "ckpt"
         reached = [0]  # the last step reported, for an out-of-memory report
 
@@ -89,7 +113,7 @@ def run_trial(suggestion: dict[str, Any], *, base: dict[str, Any], trial_steps: 
                     out = {**_common(metrics, config, node, trial_steps, started), **_scores(metrics, last),
                            "status": "completed"}
                     atomic_write_text(ckpt_dir / RESULT_NAME, json.dumps(out))  # a restart re-reports it
-                    atomic_write_text(cache, json.dumps(out))  # and so does a re-suggestion of the recipe
+                    cache.write(out)  # and so does a re-suggestion of the recipe
                     tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
                 return
             reached[0] = metrics["step"]
@@ -103,6 +127,8 @@ def run_trial(suggestion: dict[str, Any], *, base: dict[str, Any], trial_steps: 
                 out["snapshot_bpb"], out[METRIC] = out[METRIC], _finite(metrics["probe_bpb"])
             rung = rungs.index(metrics["step"]) + 1 if metrics["step"] in rungs else 0
             keep = checkpoint_every > 0 and rung % checkpoint_every == 0
+            if keep:
+                atomic_write_text(ckpt_dir / RUNG_RESULT, json.dumps(out))  # what outlives the state
             tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)) if keep else None)
 
         # Every write happens before its `tune.report`: a report blocks until the driver asks for
@@ -113,7 +139,7 @@ def run_trial(suggestion: dict[str, Any], *, base: dict[str, Any], trial_steps: 
         if result.status == "diverged":
             final = {**_common(result.summary, config, node, trial_steps, started), METRIC: PENALTY_BPB,
                      "status": "diverged"}
-            atomic_write_text(cache, json.dumps(final))
+            cache.write(final)
             tune.report(final)
 
 
@@ -143,7 +169,8 @@ def out_of_memory(error: BaseException) -> str | None:
     return "out of memory: " + text.split("] ", 1)[-1][:300]  # without the allocator's source location
 
 
-def _run_restart(config: TrainConfig, rungs: tuple[int, ...], cache: Path, node: str, fidelity: Fidelity) -> None:
+def _run_restart(config: TrainConfig, rungs: tuple[int, ...], cache: FinishedCache, node: str,
+                 fidelity: Fidelity) -> None:
     """The `restart` fidelity: at each rung, a fresh run of the whole curriculum compressed to the
     rung's budget; its last evaluation is the rung's value. A checkpoint after each rung records
     how far the trial got, so a restarted trial goes on with the next rung."""
@@ -153,7 +180,7 @@ def _run_restart(config: TrainConfig, rungs: tuple[int, ...], cache: Path, node:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             saved = Path(folder)
-            if _report_if_finished(saved / RESULT_NAME):
+            if _report_if_finished(_saved(saved / RESULT_NAME)):
                 return
             state = json.loads((saved / RESTART_STATE).read_text())
             done_rungs, spent = state["rungs_done"], state["compute_steps"]
@@ -169,7 +196,7 @@ def _run_restart(config: TrainConfig, rungs: tuple[int, ...], cache: Path, node:
                    TIME_ATTR: budget, "rung_budget": budget, "config_key": trial_key(config, fidelity)}
             if result.status == "diverged":
                 out.update({METRIC: PENALTY_BPB, "status": "diverged"})
-                atomic_write_text(cache, json.dumps(out))
+                cache.write(out)
                 tune.report(out)
                 return
             done = budget >= rungs[-1]
@@ -177,7 +204,7 @@ def _run_restart(config: TrainConfig, rungs: tuple[int, ...], cache: Path, node:
             atomic_write_text(ckpt_dir / RESTART_STATE, json.dumps({"rungs_done": k + 1, "compute_steps": spent}))
             if done:
                 atomic_write_text(ckpt_dir / RESULT_NAME, json.dumps(out))
-                atomic_write_text(cache, json.dumps(out))
+                cache.write(out)
             tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
 
 
@@ -185,10 +212,10 @@ WORK_PREFIX = "jepatune-trial-"
 
 
 def work_dir() -> tempfile.TemporaryDirectory:
-    """A trial's scratch folder (checkpoints before Ray copies them), named after this process. A
-    trial that Ray stops while it trains on, past the report ASHA judged, can be ended with its worker
-    process before its folder is removed: clear such folders of dead processes first, so a long sweep
-    does not fill the node's disk with them."""
+    """A trial's or a retrain run's scratch folder (files before they go where the sweep lives), named
+    after this process. A trial that Ray stops while it trains on, past the report ASHA judged, or a
+    run whose driver was killed, can end with its worker process before its folder is removed: clear
+    such folders of dead processes first, so a long sweep does not fill the node's disk with them."""
     root = Path(tempfile.gettempdir())
     for old in root.glob(f"{WORK_PREFIX}*-*"):
         pid = old.name[len(WORK_PREFIX):].split("-")[0]

@@ -261,7 +261,7 @@ def check_figures(folder: Path) -> set[str]:
 
 SECTIONS = ["Conclusion", "Leaderboard", "Learning curves", "BPB against each searched hyperparameter",
             "Parallel coordinates", "Hyperparameter importance", "Rung correlation", "False stops (audit trials)",
-            "Other pruning settings, replayed", "Finalists, retrained out of sample", "Ablations"]
+            "Other pruning settings, replayed", "Finalists, retrained out of sample", "Storage", "Ablations"]
 FINALISTS = "Finalists, retrained out of sample"
 
 
@@ -289,6 +289,8 @@ def test_analyze_writes_a_report_whose_links_are_all_valid_figures(sweep, capsys
     for title in ("Leaderboard", "Rung correlation", "Other pruning settings, replayed", FINALISTS):
         assert "\n| --- |" in body[title], title  # a Markdown table
     assert "other ASHA settings replayed" in out
+    assert re.match(r"The sweep takes [\d.]+ [kMG]?B at .+, [\d.]+ [kMG]?B per trial over \d+ trials", body["Storage"])
+    assert "storage: " in out  # analyze prints it too
     assert "| finalist-1 |" in body[FINALISTS] and "| reference |" in body[FINALISTS]
     # The report opens with its answer: which recipe, by how much, how sure; then what to run next.
     from jepatune.analysis.finalists import conclusion
@@ -348,7 +350,9 @@ def test_a_crashed_sweep_still_gets_a_report_that_says_what_is_missing(sweep, tm
     body = sections(text)
     assert list(body) == SECTIONS
     for title in SECTIONS[:1] + SECTIONS[3:4] + SECTIONS[5:]:  # no completed trial, retrain or ablation
-        assert one_line(body[title]), (title, body[title])
+        if title != "Storage":  # known however far the sweep got
+            assert one_line(body[title]), (title, body[title])
+    assert body["Storage"].startswith("The sweep takes ") and "over 8 trials" in body["Storage"]
     assert body["Leaderboard"] == "_no trial has run its whole budget yet_"
     assert "no final retrain yet" in body[FINALISTS] and "No retrain yet" in body["Conclusion"]
 

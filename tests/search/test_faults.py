@@ -8,11 +8,7 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +16,7 @@ import optuna
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from processes import Search, cmdline, poll, session_pids, set_args
 
 from jepatune.analysis import schema
 from jepatune.analysis.tables import load_tables
@@ -32,100 +29,6 @@ from jepatune.trainer.config import TrainConfig
 from jepatune.trainer.loop import trainer_code_bytes
 
 TRIAL_ID = re.compile(r"^run_trial_([0-9a-f]{8})_")
-
-
-def _set_args(knobs: dict) -> list[str]:
-    """`--set k=v` for each fixed knob, as a user types it (tuples as comma lists)."""
-    args = []
-    for k, v in knobs.items():
-        args += ["--set", f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"]
-    return args
-
-
-def _session_pids(sid: int) -> list[int]:
-    """Live (not zombie) processes of session `sid`: the driver, the Ray services it started (its
-    process group) and Ray's workers, which the raylet puts in process groups of their own."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            if os.getsid(int(entry)) == sid and stat.rsplit(")", 1)[1].split()[0] != "Z":
-                pids.append(int(entry))
-        except OSError:  # gone meanwhile
-            continue
-    return pids
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-class Search:
-    """`python -m jepatune search ARGS` (or another COMMAND) in a session of its own, with RAY_ADDRESS
-    unset and a private Ray temp folder, so that it starts its own local Ray and joins no other; on
-    exit every process of the session is killed and awaited, so nothing outlives the test."""
-
-    def __init__(self, args: list[str], log: Path, command: str = "search"):
-        self.ray_tmp = tempfile.mkdtemp(prefix="jt-ray-", dir="/tmp")  # short: Ray's socket paths
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env["RAY_TMPDIR"] = self.ray_tmp
-        self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "jepatune", command, *args], env=env,
-                                     stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-
-    def __enter__(self) -> Search:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.kill()
-        subprocess.run(["rm", "-rf", self.ray_tmp], check=False)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def tail(self, n: int = 30) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"`jepatune search` still running after {timeout:.0f}s:\n{self.tail()}")
-
-    def kill(self) -> None:
-        """SIGKILL the driver's process group (the driver and the Ray services it started), then any
-        worker left in the session: without its raylet a worker dies by itself within seconds, but
-        it must not write into the experiment folder once the test has read it."""
-        sid = self.proc.pid
-        try:
-            os.killpg(sid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
-        deadline = time.monotonic() + 30
-        while pids := _session_pids(sid):
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            assert time.monotonic() < deadline, f"processes of the killed sweep survive: {pids}"
-            time.sleep(0.05)
-
-
-def _poll(what: str, ready: Callable[[], bool], search: Search, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if not search.alive():
-            pytest.fail(f"the sweep ended before {what}:\n{search.tail()}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"no {what} after {timeout:.0f}s:\n{search.tail()}")
-        time.sleep(0.05)
 
 
 def _snapshot_states(folder: Path) -> dict[str, str]:
@@ -185,10 +88,12 @@ def test_a_sweep_killed_mid_way_resumes_without_losing_or_repeating_trials(tmp_p
     # 6, 12, 24, 48: enough trials complete early for the kill to land mid-sweep, while a trial that
     # the last snapshot knows as running has a checkpoint to continue from.
     first = ["--data", str(demo_data), "--out", str(out), "--name", "s", "--samples", str(samples),
-             "--trial-steps", str(steps), "--grace-steps", "6", "--concurrency", "2", *_set_args(sweep_knobs)]
-    with Search(first, tmp_path / "first.log") as search:
+             "--trial-steps", str(steps), "--grace-steps", "6", "--concurrency", "2", *set_args(sweep_knobs)]
+    # A snapshot at every step of Ray's loop (the default backs off from 10 s), so that the kill surely
+    # lands while the last snapshot names a running trial's checkpoint: what the resume is checked against.
+    with Search(first, tmp_path / "first.log", extra_env={"TUNE_GLOBAL_CHECKPOINT_S": "0"}) as search:
         # The trainable writes finished/<config_key>.json when a trial completes, before it reports.
-        _poll("two finished trials and a running one with a checkpoint in the snapshot",
+        poll("two finished trials and a running one with a checkpoint in the snapshot",
               lambda: len(list((folder / CACHE_DIR).glob("*.json"))) >= 2 and bool(_checkpointed_steps(folder)),
               search, 60)
         search.kill()
@@ -269,7 +174,7 @@ def test_a_killed_trial_restarts_from_its_last_checkpoint(tmp_path, demo_data, s
     out, steps = tmp_path / "out", 96  # rungs 12, 24, 48, 96
     folder = out / "s"
     args = ["--data", str(demo_data), "--out", str(out), "--name", "s", "--samples", "2", "--trial-steps", str(steps),
-            "--grace-steps", "12", "--concurrency", "1", "--max-failures", "2", *_set_args(sweep_knobs)]
+            "--grace-steps", "12", "--concurrency", "1", "--max-failures", "2", *set_args(sweep_knobs)]
 
     def second_rung() -> Path | None:
         """The first trial's folder once its second checkpoint is stored. The worker stores it after
@@ -279,10 +184,10 @@ def test_a_killed_trial_restarts_from_its_last_checkpoint(tmp_path, demo_data, s
 
     started = time.monotonic()
     with Search(args, tmp_path / "sweep.log") as search:
-        _poll("a second checkpoint", lambda: second_rung() is not None, search, 60)
+        poll("a second checkpoint", lambda: second_rung() is not None, search, 60)
         trial_dir = second_rung()
-        workers = [p for p in _session_pids(search.proc.pid) if "ray::ImplicitFunc" in _cmdline(p)]
-        assert len(workers) == 1, [_cmdline(p) for p in _session_pids(search.proc.pid)]
+        workers = [p for p in session_pids(search.proc.pid) if "ray::ImplicitFunc" in cmdline(p)]
+        assert len(workers) == 1, [cmdline(p) for p in session_pids(search.proc.pid)]
         assert not list(trial_dir.glob("checkpoint_*/trial_result.json")), "the trial finished before the kill"
         os.kill(workers[0], signal.SIGKILL)
         assert search.wait(90) == 0, search.tail()
@@ -306,9 +211,9 @@ def test_a_killed_trial_restarts_from_its_last_checkpoint(tmp_path, demo_data, s
     assert len(list(trial_dir.glob("checkpoint_*"))) == 1  # the older ones pruned once the sweep ended
 
 
-def _cut_run(final: Path) -> bool:
-    """A retrain run has started (metrics.jsonl) but not finished (no summary.json)."""
-    return any(not (m.parent / "summary.json").exists() for m in final.glob("*-seed*/metrics.jsonl"))
+def _cut_run(scratch: Path) -> bool:
+    """A retrain run is training: it has evaluated (metrics.jsonl) in its scratch folder, not finished."""
+    return any(not (m.parent / "summary.json").exists() for m in scratch.glob("jepatune-trial-*/metrics.jsonl"))
 
 
 def _changed(path: Path, before: int, search: Search, timeout: float) -> None:
@@ -330,23 +235,29 @@ def test_a_driver_killed_in_the_retrain_and_its_tables_keeps_every_finished_run_
     started = time.monotonic()
     first = ["--data", str(demo_data), "--out", str(out), "--name", "s", "--samples", "2", "--trial-steps", "16",
              "--grace-steps", "16", "--concurrency", "2", "--final-steps", "40", "--final-seeds", "2",
-             *_set_args(sweep_knobs)]
-    with Search(first, tmp_path / "first.log") as search:
+             *set_args(sweep_knobs)]
+    scratch = tmp_path / "scratch"  # the nodes' temp folder, where a run trains before its files are kept
+    scratch.mkdir()
+    tmp_env = {"TMPDIR": str(scratch)}
+    with Search(first, tmp_path / "first.log", extra_env=tmp_env) as search:
         # 4 retrain runs (a finalist and the reference, 2 seeds), 2 at a time: kill with one finished and one cut.
-        _poll("a finished and a cut retrain run", lambda: bool(read_jsonl(runs)) and _cut_run(final), search, 120)
+        poll("a finished and a cut retrain run", lambda: bool(read_jsonl(runs)) and _cut_run(scratch), search, 120)
         search.kill()
     kept = runs.read_text().splitlines()
-    assert 1 <= len(kept) < 4 and _cut_run(final)
+    assert 1 <= len(kept) < 4
+    # A run's folder appears whole once the run has finished: a cut one leaves nothing in final/.
+    assert all((p / "summary.json").is_file() for p in final.iterdir() if p.is_dir())
 
     # `jepatune retrain DIR` rebuilds the tables first: killed once trials.parquet is replaced.
     trials_mtime = (tables / "trials.parquet").stat().st_mtime_ns
-    with Search([str(folder)], tmp_path / "retrain-killed.log", command="retrain") as again:
+    with Search([str(folder)], tmp_path / "retrain-killed.log", command="retrain", extra_env=tmp_env) as again:
         _changed(tables / "trials.parquet", trials_mtime, again, 60)
         again.kill()
     mid_tables = (tables / "final.parquet").stat().st_mtime_ns < (tables / "trials.parquet").stat().st_mtime_ns
 
-    with Search(["--resume", "--out", str(out), "--name", "s"], tmp_path / "resume.log") as again:
+    with Search(["--resume", "--out", str(out), "--name", "s"], tmp_path / "resume.log", extra_env=tmp_env) as again:
         assert again.wait(120) == 0, again.tail()  # the sweep had ended: straight on to the retrain
+    assert not list(scratch.glob("jepatune-trial-*")), "a killed run's scratch folder was left behind"
     print(f"kill in the retrain, kill {'in' if mid_tables else 'after'} the tables, resume: "
           f"{time.monotonic() - started:.0f}s; {len(kept)} of 4 runs finished at the first kill")
 
@@ -357,7 +268,7 @@ def test_a_driver_killed_in_the_retrain_and_its_tables_keeps_every_finished_run_
     labels, seeds = sorted({r["recipe"] for r in rows}), [TrainConfig().seed + 1, TrainConfig().seed + 2]
     assert len(labels) == 2 and "reference" in labels  # both trials are finalists, one of them the reference's
     assert sorted((r["recipe"], r["seed"]) for r in rows) == [(label, s) for label in labels for s in seeds]
-    for row in rows:  # each folder holds one run: the cut one started again from an empty folder
+    for row in rows:  # each folder holds one run: the cut one trained again from the start
         run = final / f"{row['recipe']}-seed{row['seed']}"
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert [m["step"] for m in metrics if not m.get("final")] == list(range(0, 41, 4)), run

@@ -170,15 +170,17 @@ def test_checkpoint_and_artifact_killed_mid_write_stay_whole(tmp_path):
 
 def test_retrain_skips_a_finished_run_and_trains_a_new_budget(tiny, tmp_path, local_ray):
     from jepatune.experiment.layout import FINAL_DIR, RUNS_NAME
+    from jepatune.experiment.store import Store
     from jepatune.search.retrain import retrain
 
     runs = tmp_path / FINAL_DIR / RUNS_NAME
     seeds = [tiny.seed + 1]
-    first = retrain(tmp_path, {"recipe": tiny.replace(iterations=4)}, seeds, 1, 0, log=lambda _: None)
+    first = retrain(Store(tmp_path), {"recipe": tiny.replace(iterations=4)}, seeds, 1, 0, log=lambda _: None)
     lines = runs.read_text()
-    again = retrain(tmp_path, {"recipe": tiny.replace(iterations=4)}, seeds, 1, 0, log=pytest.fail)  # nothing to train
+    store = Store(tmp_path)
+    again = retrain(store, {"recipe": tiny.replace(iterations=4)}, seeds, 1, 0, log=pytest.fail)  # nothing to train
     assert runs.read_text() == lines and again.equals(first) and len(first) == 1
-    longer = retrain(tmp_path, {"recipe": tiny.replace(iterations=6)}, seeds, 1, 0, log=lambda _: None)
+    longer = retrain(Store(tmp_path), {"recipe": tiny.replace(iterations=6)}, seeds, 1, 0, log=lambda _: None)
     assert list(longer["steps"]) == [6] and len(read_jsonl(runs)) == 2  # both kept, only the new one returned
     metrics = (tmp_path / FINAL_DIR / f"recipe-seed{seeds[0]}" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(m)["step"] for m in metrics] == [0, 4, 6, 6]  # the folder holds the new run alone

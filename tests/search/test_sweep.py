@@ -168,3 +168,25 @@ def test_analyze_of_a_folder_that_is_not_a_sweep(tmp_path, capsys):
 
     assert main(["analyze", str(tmp_path)]) == 2
     assert "not a jepatune sweep" in capsys.readouterr().err
+
+
+def test_ended_trials_keep_their_results_and_no_training_state(sweep):
+    """Retention: every trial of the finished sweep ended, so each keeps at most one checkpoint folder
+    (none when it was stopped before its first checkpoint), with its result files and without the
+    state a resume would load."""
+    from jepatune.search.trainable import RESULT_NAME, RUNG_RESULT
+    from jepatune.trainer.checkpoint import CHECKPOINT_NAME
+
+    settings, tables, _ = sweep
+    trial_dirs = sorted(settings.folder.glob("run_trial_*"))
+    assert len(trial_dirs) == settings.samples
+    for trial in trial_dirs:
+        checkpoints = sorted(trial.glob("checkpoint_*"))
+        assert len(checkpoints) <= 1, checkpoints
+        for kept in ({p.name for p in c.iterdir()} for c in checkpoints):
+            assert CHECKPOINT_NAME not in kept and kept & {RESULT_NAME, RUNG_RESULT}, (trial.name, kept)
+    completed = set(tables["trials"].loc[tables["trials"]["status"] == "completed", "trial_id"])
+    with_result = {t.name.split("_")[2] for t in trial_dirs if list(t.glob(f"checkpoint_*/{RESULT_NAME}"))}
+    assert with_result == completed
+    ckpt_bytes = sum(p.stat().st_size for t in trial_dirs for p in t.rglob("checkpoint_*/*"))
+    assert ckpt_bytes < 4096 * settings.samples  # a few small JSON files per trial
