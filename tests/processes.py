@@ -109,3 +109,21 @@ def poll(what: str, ready: Callable[[], bool], search: Search, timeout: float) -
         if time.monotonic() > deadline:
             pytest.fail(f"no {what} after {timeout:.0f}s:\n{search.tail()}")
         time.sleep(0.05)
+
+
+def kill_processes_mentioning(text: str, timeout: float = 15) -> None:
+    """SIGTERM, then SIGKILL, every process whose command line names `text` (a cluster's own temp
+    folder): `ray stop` would stop every Ray of the machine, other tests' included."""
+    def matching() -> list[int]:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]
+        return [pid for pid in pids if text in cmdline(pid)]
+
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, timeout)):
+        for pid in matching():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while matching() and time.monotonic() < deadline:
+            time.sleep(0.1)
