@@ -272,6 +272,7 @@ def _common(metrics: dict[str, Any], config: TrainConfig, node: str, trial_steps
         METRIC: _finite(value),
         "trial_steps": trial_steps,
         "node": node,
+        "node_id": _node_id(full=True),
         "device_s": round(time.perf_counter() - started, 3),
         "flops": estimated_flops(config, params, metrics["tokens"]) if params else None,
         "config_key": config_key(config),
@@ -288,12 +289,14 @@ def device_memory_bytes(device: str) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _node_id() -> str:
-    """The Ray node running this trial (hostnames repeat when several nodes share a machine)."""
+def _node_id(full: bool = False) -> str:
+    """The Ray node running this trial (hostnames repeat when several nodes share a machine): its id's
+    first 12 hex digits, which name it in the tables, or all of it (what `ray logs --node-id` takes)."""
     try:
         import ray
 
-        return ray.get_runtime_context().get_node_id()[:12]
+        node = ray.get_runtime_context().get_node_id()
+        return node if full else node[:12]
     except Exception:  # outside Ray (tests of the function itself)
         return socket.gethostname()
 
