@@ -8,6 +8,7 @@ import shlex
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -38,9 +39,14 @@ def test_a_sweep_submitted_as_a_ray_job_runs_on_the_started_cluster(tmp_path, de
         command = shlex.join(["jepatune", "search", "--data", str(demo_data), "--out", str(out), "--name", "job",
                               "--samples", "3", "--trial-steps", "8", "--grace-steps", "4", "--concurrency", "2",
                               *set_args(sweep_knobs)])
-        job = subprocess.run(["ray", "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir",
-                              str(REPO), "--", "bash", "-c", command],
-                             env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+        submit = ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
+                  "--", "bash", "-c", command]
+        deadline = time.monotonic() + 120
+        while True:  # the head's job agent comes up a few seconds after `ray start` returns
+            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+            if "No available agent to submit job" not in job.stdout + job.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(2)
         log = job.stdout[-4000:] + job.stderr[-2000:]
         assert job.returncode == 0 and "succeeded" in job.stdout, log
         assert "sweep finished" in job.stdout and "top trials" in job.stdout, log  # the job's own output
