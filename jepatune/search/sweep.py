@@ -31,7 +31,9 @@ from jepatune.experiment.trials import KNOBS, METRIC
 # (the finished-trial cache) and ASHA's decisions are logged as they are taken, not snapshotted. A
 # trial keeps its rung checkpoints while it runs (with num_to_keep=1 Ray deletes the previous one
 # while the snapshot on storage can still name it: 2 of 9 killed test sweeps failed to restore);
-# once it ends, retention.py drops their training state. TUNE_GLOBAL_CHECKPOINT_S, when set, wins.
+# once it ends, retention.py drops their training state. Ray also copies each trial's result.json from
+# the driver's staging folder to the experiment at each snapshot: the tables of a running sweep lag by
+# up to one period (a finished trial's result is in the cache at once). TUNE_GLOBAL_CHECKPOINT_S wins.
 SNAPSHOT_PERIOD_S = "auto"
 
 

@@ -76,18 +76,17 @@ def test_the_autoscaler_starts_gpu_workers_and_a_killed_one_loses_no_checkpoint(
             ended = search.log.read_text(errors="replace")
             for trial in folder.glob("run_trial_*"):
                 saved = sorted(trial.glob(f"checkpoint_*/{RUNG_RESULT}"))
-                if len(saved) == 1 and f" {trial.name.split('_')[2]}: " not in ended:  # at its first checkpoint
+                if len(saved) == 2 and f" {trial.name.split('_')[2]}: " not in ended:  # at its second checkpoint
                     return trial
             return None
 
         poll("a trial with a checkpoint on a worker", lambda: running_with_a_checkpoint() is not None, search, 120)
         victim = running_with_a_checkpoint()
-        saved = json.loads(sorted(victim.glob(f"checkpoint_*/{RUNG_RESULT}"))[-1].read_text())  # the rung's report
+        # A trial restarts from the last checkpoint the driver registered, and the worker writes a
+        # checkpoint before its report reaches the driver. A report returns once the driver has taken
+        # it, so a second checkpoint on the node means the first one's report was taken.
+        saved = json.loads(sorted(victim.glob(f"checkpoint_*/{RUNG_RESULT}"))[0].read_text())  # the first rung's
         node, checkpointed = saved["node_id"], saved["step"]
-        # The worker writes a checkpoint before its report reaches the driver, and a trial restarts from
-        # the last checkpoint the driver registered: give the report a moment to arrive (the trial is at
-        # its first rungs, far from its end).
-        time.sleep(1.0)
         assert kill_node(node), f"no raylet of node {node}"
         assert search.wait(300) == 0, search.tail()
     print(f"autoscaled sweep with a worker killed: {time.monotonic() - started:.0f}s")
