@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 
 from jepatune.analysis import ablation, explore, plots, schema
-from jepatune.analysis.summary import storage_line, storage_use
+from jepatune.analysis.summary import storage_text, storage_use
 from jepatune.analysis.tables import Tables, load
 from jepatune.atomic import atomic_path, atomic_write_text, unwritable_ancestor
 from jepatune.errors import JepatuneError
@@ -155,8 +155,8 @@ def _sweep_report(folder: Path, r: _Report) -> None:
     _replays(r, replays)
     _finalists(r, tables, folder)
     r.section("Storage")
-    if storage_use(folder)["trials"]:
-        r.text("The sweep takes " + storage_line(folder).removeprefix("storage: ") + ".", "")
+    if (use := storage_use(folder))["trials"]:
+        r.text(f"The sweep takes {storage_text(use)}.", "")
     else:
         r.missing("no trial has written to the sweep's storage yet")
     r.section("Ablations")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from jepatune.analysis import explore
 from jepatune.analysis.finalists import conclusion
@@ -20,7 +21,7 @@ def human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def storage_use(folder: str | os.PathLike) -> dict[str, float]:
+def storage_use(folder: str | os.PathLike) -> dict[str, Any]:
     """Bytes the sweep takes where it lives: in all, in trial folders (and of those, in checkpoints),
     per trial; one listing of its storage."""
     settings = read_settings(folder)
@@ -29,14 +30,14 @@ def storage_use(folder: str | os.PathLike) -> dict[str, float]:
     in_trials = [f for f in files if f.path[len(root):].lstrip("/").startswith(TRIAL_PREFIX)]
     trials = {f.path[len(root):].lstrip("/").split("/", 1)[0] for f in in_trials}
     total, trial_bytes = sum(f.size or 0 for f in files), sum(f.size or 0 for f in in_trials)
-    return {"bytes": total, "trial_bytes": trial_bytes, "trials": len(trials),
+    return {"where": settings.experiment_path, "bytes": total, "trial_bytes": trial_bytes, "trials": len(trials),
             "checkpoint_bytes": sum(f.size or 0 for f in in_trials if "/checkpoint_" in f.path),
             "bytes_per_trial": trial_bytes / len(trials) if trials else 0.0}
 
 
-def storage_line(folder: str | os.PathLike) -> str:
-    use = storage_use(folder)
-    return (f"storage: {human_bytes(use['bytes'])} at {read_settings(folder).experiment_path}, "
+def storage_text(use: dict[str, Any]) -> str:
+    """`storage_use` in words."""
+    return (f"{human_bytes(use['bytes'])} at {use['where']}, "
             f"{human_bytes(use['bytes_per_trial'])} per trial over {use['trials']} trials "
             f"({human_bytes(use['checkpoint_bytes'])} in checkpoints: ended trials keep their results, not their "
             "training state)")
@@ -58,4 +59,4 @@ def sweep_summary(folder: str | os.PathLike, k: int = 5) -> str:
         lines += ["finalists retrained with seeds no trial used (val_bpb after the int8+zlib round trip, full val "
                   "split; delta vs the reference with a paired 95% CI):",
                   shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"), conclusion(tables.finalists)]
-    return "\n".join([*lines, storage_line(folder)])
+    return "\n".join([*lines, "storage: " + storage_text(storage_use(folder))])

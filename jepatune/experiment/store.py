@@ -164,12 +164,6 @@ class Store:
         pafs.copy_files(str(Path(local).resolve()), self.path(rel), source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=self.fs)
 
-    def get_dir(self, rel: str, local: str | os.PathLike) -> None:
-        import pyarrow.fs as pafs
-
-        pafs.copy_files(self.path(rel), str(Path(local).resolve()), source_filesystem=self.fs,
-                        destination_filesystem=pafs.LocalFileSystem())
-
     def delete_dir(self, rel: str) -> None:
         if self.exists(rel):
             self.fs.delete_dir(self.path(rel))

@@ -23,7 +23,7 @@ import pyarrow.fs as pafs
 from ray.tune import Callback
 
 from jepatune.experiment.layout import filesystem
-from jepatune.experiment.ray_files import trial_states
+from jepatune.experiment.ray_files import TRIAL_FOLDER, trial_states
 from jepatune.trainer.checkpoint import CHECKPOINT_NAME
 
 
@@ -64,6 +64,6 @@ def prune_after_sweep(experiment: str) -> int:
         for path in _checkpoint_dirs(fs, trial.path)[:-1]:
             freed += sum(i.size or 0 for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)))
             fs.delete_dir(path)
-        if any(f"_{trial_id}_" in trial.base_name for trial_id in ended):
+        if (match := TRIAL_FOLDER.search(trial.base_name)) and match.group(1) in ended:
             freed += drop_training_state(fs, trial.path)
     return freed

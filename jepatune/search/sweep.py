@@ -1,8 +1,8 @@
 """`run_sweep`: Ray Tune + OptunaSearch (TPE) + ASHA over a named space, then `finalize`: the retrain.
 
-What a sweep folder holds, and its settings, are `jepatune.experiment`'s; with `storage` set (an
-s3:// URI or a shared folder), Ray writes its files there and the driver keeps its own files in
-`OUT/NAME`.
+What a sweep folder holds, and its settings, are `jepatune.experiment`'s. With `storage` set (an
+s3:// URI or a shared folder), the whole sweep lives at STORAGE/NAME, Ray's files and ours; the
+local `OUT/NAME` keeps the record that points there, best.toml and the report.
 """
 
 from __future__ import annotations
