@@ -24,17 +24,19 @@ from jepatune.experiment.store import is_uri, join
 from jepatune.experiment.trials import KNOBS, METRIC
 
 # Ray snapshots the experiment (trial states, the checkpoint each trial restarts from, the searcher)
-# with its own back-off, "auto": every max(10 s, 19 x the last snapshot's write time), so snapshots
-# take at most 5% of the driver's time however many trials the experiment holds. `--resume` starts
-# from the last snapshot, so a hard kill costs each trial running then its work since the checkpoint
-# that snapshot names: at most its last rung and one snapshot period. Finished trials cost nothing
+# every 2 s. Its own back-off ("auto": every max(10 s, 19 x the last snapshot's write time)) would
+# cost less driver time, but Ray also copies each trial's result.json from the driver's staging
+# folder at each snapshot, and a trial that restarts (a lost node) starts again from that copy: with
+# 10 s and more, the reports of its last rungs before the loss were gone from its curve (CI, the
+# removed-node test). `--resume` starts from the last snapshot, so a hard kill costs each trial
+# running then its work since the checkpoint that snapshot names: at most its last rung and one
+# snapshot period. Finished trials cost nothing
 # (the finished-trial cache) and ASHA's decisions are logged as they are taken, not snapshotted. A
 # trial keeps its rung checkpoints while it runs (with num_to_keep=1 Ray deletes the previous one
 # while the snapshot on storage can still name it: 2 of 9 killed test sweeps failed to restore);
-# once it ends, retention.py drops their training state. Ray also copies each trial's result.json from
-# the driver's staging folder to the experiment at each snapshot: the tables of a running sweep lag by
-# up to one period (a finished trial's result is in the cache at once). TUNE_GLOBAL_CHECKPOINT_S wins.
-SNAPSHOT_PERIOD_S = "auto"
+# once it ends, retention.py drops their training state. The tables of a running sweep lag by up to
+# one period (a finished trial's result is in the cache at once). TUNE_GLOBAL_CHECKPOINT_S wins.
+SNAPSHOT_PERIOD_S = "2"
 
 
 def ensure_ray() -> None:

@@ -89,7 +89,7 @@ def test_a_sweep_killed_mid_way_resumes_without_losing_or_repeating_trials(tmp_p
     # the last snapshot knows as running has a checkpoint to continue from.
     first = ["--data", str(demo_data), "--out", str(out), "--name", "s", "--samples", str(samples),
              "--trial-steps", str(steps), "--grace-steps", "6", "--concurrency", "2", *set_args(sweep_knobs)]
-    # A snapshot at every step of Ray's loop (the default backs off from 10 s), so that the kill surely
+    # A snapshot at every step of Ray's loop (the default is every 2 s), so that the kill surely
     # lands while the last snapshot names a running trial's checkpoint: what the resume is checked against.
     with Search(first, tmp_path / "first.log", extra_env={"TUNE_GLOBAL_CHECKPOINT_S": "0"}) as search:
         # The trainable writes finished/<config_key>.json when a trial completes, before it reports.

@@ -18,7 +18,7 @@ from jepatune.experiment.settings import SweepSettings
 from jepatune.experiment.trials import PENALTY_BPB
 from jepatune.search.retrain import retrain_ddp
 from jepatune.search.sweep import run_sweep
-from jepatune.search.trainable import RUNG_RESULT, out_of_memory
+from jepatune.search.trainable import out_of_memory
 from jepatune.spaces import FAILURE_CONSTRAINT, violation_of
 from jepatune.trainer.loop import train
 
@@ -92,16 +92,14 @@ def test_a_removed_node_s_trial_restarts_from_its_checkpoint_on_the_other_node(t
     removed: dict = {}
 
     def remove_the_worker_node() -> None:
-        """Once the worker node's trial saved its third rung's checkpoint (a report returns once the
-        driver has taken it, so the first two rungs' reports and checkpoints are registered), mid-trial.
-        From the checkpoints' own report files: Ray writes result.json in the driver's staging folder
-        and copies it to the experiment folder at its snapshots."""
+        """Once the worker node's trial reported its second rung (so the first rung's checkpoint is
+        registered), mid-trial."""
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not removed:
-            for trial in settings.folder.glob("run_trial_*"):
-                saved = [json.loads(p.read_text()) for p in sorted(trial.glob(f"checkpoint_*/{RUNG_RESULT}"))]
-                if saved and saved[-1].get("node") == gone and 100 <= saved[-1]["step"] < steps:
-                    removed.update(trial=trial, step=saved[-1]["step"])
+            for result in settings.folder.glob("run_trial_*/result.json"):
+                reports = _reports(result)
+                if reports and reports[-1].get("node") == gone and 50 <= reports[-1]["step"] < steps:
+                    removed.update(trial=result.parent, step=reports[-1]["step"])
                     two_nodes.remove_node(worker)
                     return
             time.sleep(0.02)
