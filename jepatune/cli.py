@@ -134,6 +134,129 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- benchmark ----------------------------------------------------------------------------
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected integers separated by commas, e.g. 2,3") from None
+
+
+def _add_record_options(b: argparse.ArgumentParser) -> None:
+    from jepatune.benchmark.record import RecordSettings
+
+    d = RecordSettings(out="", data="")
+    b.add_argument("--out", type=Path, required=True, help="the benchmark folder")
+    b.add_argument("--data", type=Path, default=None, help="byte-shard folder (default OUT/data: the demo corpus, "
+                                                           "built there when missing)")
+    b.add_argument("--space", default=d.space, help=f"search space ({d.space})")
+    b.add_argument("--preset", default=d.preset, help=f"model preset, or none for the reference's shape ({d.preset})")
+    b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="fix one knob of the base recipe (repeatable)")
+    for name, help_ in (("recipes", "recipes, the reference and CE from step 0 included"),
+                        ("seeds", "seeds per recipe"), ("trial_steps", "the trial budget in steps"),
+                        ("transfer_recipes", "recipes also trained at the longer budget"),
+                        ("transfer_factor", "the longer budget, in trial budgets"),
+                        ("transfer_seeds", "seeds of each longer run"),
+                        ("fidelity_seeds", "seeds of the transfer subset's probe and restart runs"),
+                        ("probe_steps", "cool-down steps of the probe fidelity"),
+                        ("seed", "the design's seed"), ("workers", "training processes, one torch thread each")):
+        b.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name), help=f"{help_} "
+                       f"({getattr(d, name)})")
+    b.add_argument("--factors", type=_int_tuple, default=d.factors, help="ASHA reduction factors whose rungs are "
+                   "recorded (2,3)")
+    b.add_argument("--resume", action="store_true", help="finish a recording that stopped: trains only what is missing")
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from jepatune.benchmark.record import RecordSettings, record_benchmark
+    from jepatune.benchmark.tables import load_benchmark
+    from jepatune.trainer.config import parse_set_args
+
+    settings = RecordSettings(
+        out=str(args.out), data=str(args.data or args.out / "data"), space=args.space,
+        preset=None if args.preset == "none" else args.preset,
+        overrides=parse_set_args(args.overrides), recipes=args.recipes, seeds=args.seeds,
+        trial_steps=args.trial_steps, factors=args.factors, transfer_recipes=args.transfer_recipes,
+        transfer_factor=args.transfer_factor, transfer_seeds=args.transfer_seeds,
+        fidelity_seeds=args.fidelity_seeds, probe_steps=args.probe_steps,
+        seed=args.seed, workers=args.workers)
+    t0 = time.perf_counter()
+    folder = record_benchmark(settings, resume=args.resume)
+    print(f"benchmark in {folder} ({time.perf_counter() - t0:.0f}s): {load_benchmark(folder).describe()}")
+    return 0
+
+
+def _str_tuple(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _add_simulate_options(p: argparse.ArgumentParser) -> None:
+    from jepatune.benchmark.simulate import Strategy
+
+    d = Strategy()
+    p.add_argument("source", help="a benchmark folder (`jepatune benchmark record`), or a finished sweep (its folder "
+                                  "or storage URI): its own completed trials, one seed, its rungs")
+    p.add_argument("--sampler", type=_str_tuple, default=(d.sampler,), help="samplers, comma-separated (tpe)")
+    p.add_argument("--startup-trials", type=_int_tuple, default=(d.startup_trials,), help="random trials before the "
+                   f"sampler models the space ({d.startup_trials})")
+    p.add_argument("--scheduler", type=_str_tuple, default=(d.scheduler,), help="asha, none, or both (asha)")
+    p.add_argument("--grace-steps", type=_int_tuple, default=(d.grace_steps,), help="ASHA's first rung in steps "
+                   "(0 = a quarter of the budget)")
+    p.add_argument("--reduction-factor", type=_int_tuple, default=(d.reduction_factor,), help="ASHA's reduction "
+                   f"factors ({d.reduction_factor})")
+    p.add_argument("--fidelity", type=_str_tuple, default=(d.fidelity,), help="snapshot, probe, restart (snapshot)")
+    p.add_argument("--audit-frac", type=float, default=d.audit_frac, help=f"ASHA's audits ({d.audit_frac})")
+    p.add_argument("--concurrency", type=int, default=d.concurrency, help=f"trials at once ({d.concurrency})")
+    p.add_argument("--compute", type=float, default=64, help="each sweep's compute, in trial budgets (64)")
+    p.add_argument("--repetitions", type=int, default=20, help="sweeps per strategy (20)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first repetition's sampler (0)")
+    p.add_argument("--neighbours", type=int, default=None, help="recipes the surrogate interpolates (default: "
+                   "fitted by leave-one-out; 1 = the nearest recorded recipe)")
+    p.add_argument("--out", type=Path, default=None, help="write every simulated point to this Parquet file")
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import itertools
+
+    import pandas as pd
+
+    from jepatune.analysis.tables import write_parquet
+    from jepatune.benchmark.answers import strategy_table
+    from jepatune.benchmark.from_sweep import load_source
+    from jepatune.benchmark.simulate import Strategy, simulate
+    from jepatune.benchmark.surrogate import Surrogate
+
+    bench = load_source(args.source)
+    strategies = []
+    for sampler, startup, scheduler, grace, rf, fidelity in itertools.product(
+            args.sampler, args.startup_trials, args.scheduler, args.grace_steps, args.reduction_factor, args.fidelity):
+        s = Strategy(sampler=sampler, startup_trials=startup, scheduler=scheduler, grace_steps=grace,
+                     reduction_factor=rf, fidelity=fidelity, audit_frac=args.audit_frac, concurrency=args.concurrency)
+        s.check()
+        if s not in strategies and not (scheduler == "none" and any(x.label() == s.label() for x in strategies)):
+            strategies.append(s)
+    surrogates = {f: Surrogate(bench, f, args.neighbours) for f in dict.fromkeys(s.fidelity for s in strategies)}
+    print(f"benchmark: {bench.describe()}")
+    frames = []
+    for fidelity, surrogate in surrogates.items():
+        chosen = [s for s in strategies if s.fidelity == fidelity]
+        frames.append(simulate(surrogate, chosen, repetitions=args.repetitions, compute_trials=args.compute,
+                               seed=args.seed, log=print))
+    sim = pd.concat(frames, ignore_index=True)
+    floor = surrogates[strategies[0].fidelity].noise_floor()
+    best = surrogates[strategies[0].fidelity].best_true()
+    table = strategy_table(sim, floor)
+    print(f"best recipe's mean score {best:.4f}; noise floor (median seed-to-seed std) {floor:.4f}; "
+          f"{args.compute:g} trial budgets of compute per sweep, {args.concurrency} at once")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if args.out is not None:
+        write_parquet(sim, args.out)
+        print(f"wrote {len(sim)} points to {args.out}")
+    return 0
+
+
 # --- train --------------------------------------------------------------------------------
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -402,6 +525,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_options(p, AblationSettings)
     p.add_argument("--resume", action="store_true", help="continue the ablation recorded in the folder")
     p.set_defaults(fn=cmd_ablate)
+
+    p = sub.add_parser("benchmark", help="record a benchmark of a space: recipes drawn to cover it, trained for real")
+    bsub = p.add_subparsers(dest="action", required=True)
+    b = bsub.add_parser("record", help="train the recipes (several seeds, every rung in every fidelity, a subset "
+                                       "at a longer budget) and write the Parquet tables")
+    _add_record_options(b)
+    p.set_defaults(fn=cmd_benchmark)
+
+    p = sub.add_parser("simulate", help="what search settings would have cost and found: whole sweeps replayed "
+                                        "against a recorded benchmark, in seconds")
+    _add_simulate_options(p)
+    p.set_defaults(fn=cmd_simulate)
 
     p = sub.add_parser("data", help="build byte-level shard folders")
     dsub = p.add_subparsers(dest="source", required=True)

@@ -92,7 +92,7 @@ def finished_sweep_folder(tmp_path_factory, demo_data, sweep_knobs):
     _local_ray()
     settings = SweepSettings(data=str(demo_data), out=str(tmp_path_factory.mktemp("finished")), samples=8,
                              trial_steps=16, grace_steps=2, concurrency=2, overrides=sweep_knobs,
-                             startup_trials=4, final_steps=16, final_seeds=2, checkpoint_every=2)
+                             startup_trials=4, final_steps=16, final_seeds=2, finalists=3, checkpoint_every=2)
     run_sweep(settings)
     finalize(settings.folder, log=lambda _: None)
     return settings.folder

@@ -19,6 +19,7 @@ MAY_NOT_IMPORT = {
     "spaces": ("jepatune.experiment", "jepatune.analysis", "jepatune.search", "jepatune.cli", "ray", "torch"),
     "experiment": ("jepatune.analysis", "jepatune.search", "jepatune.cli", "ray", "torch"),
     "analysis": ("jepatune.search", "jepatune.cli", "ray", "torch"),
+    "benchmark": ("jepatune.search", "jepatune.cli", "ray"),  # records with the trainer, not Ray
     "search": ("jepatune.cli",),
 }
 
@@ -83,6 +84,19 @@ def test_importing_the_analysis_loads_neither_ray_nor_torch():
     code = ("import jepatune.analysis\n"
             "from jepatune.analysis import ablation, explore, finalists, optuna_io, plots, replay, report, summary, "
             "tables\nimport jepatune.experiment.ray_files, jepatune.experiment.settings")
+    assert heavy_modules_after(code) == {"ray": False, "torch": False}
+
+
+def test_simulating_loads_neither_ray_nor_torch(tmp_path):
+    # a benchmark's tables alone (no training): the simulator and its CLI run where neither is installed
+    code = ("import sys; sys.path.insert(0, 'tests/benchmark')\n"
+            "from test_simulate import synthetic\n"
+            "from jepatune.benchmark.surrogate import Surrogate\n"
+            "from jepatune.benchmark.simulate import Strategy, simulate\n"
+            "from jepatune.benchmark import answers, from_sweep\n"
+            "s = Surrogate(synthetic(n=30))\n"
+            "sim = simulate(s, [Strategy(startup_trials=4)], repetitions=2, compute_trials=8)\n"
+            "assert len(answers.strategy_table(sim, s.noise_floor())) == 1")
     assert heavy_modules_after(code) == {"ray": False, "torch": False}
 
 

@@ -15,6 +15,7 @@ Everything here is pure pandas/numpy: no training, no Ray.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -77,6 +78,43 @@ def _float(value: Any) -> float:
     return math.nan if value is None or pd.isna(value) else float(value)
 
 
+class AshaRule:
+    """Ray's asynchronous successive halving rule (`AsyncHyperBandScheduler`, one bracket), minimising.
+
+    At each milestone a value is held against the cut-off np.percentile(rewards, (1 - 1/rf) * 100) of
+    the rewards (= -values) recorded there before it: it stops when its reward is below the cut-off,
+    i.e. when the value is above the (1/rf)-quantile (linear interpolation) of the earlier values. A
+    tie continues; the first value at a milestone always continues. The value is recorded whether it
+    stops or not."""
+
+    def __init__(self, milestones: Sequence[int], reduction_factor: float):
+        _check_ladder(1, reduction_factor)
+        self.percent = (1 - 1 / reduction_factor) * 100
+        self.recorded: dict[int, list[float]] = {int(m): [] for m in milestones}  # rewards, as Ray keeps them
+
+    def judge(self, milestone: int, value: float) -> bool:
+        """Record `value` at `milestone`; True when the trial stops there."""
+        earlier = self.recorded[int(milestone)]
+        stop = bool(earlier) and -value < np.percentile(earlier, self.percent)
+        earlier.append(-value)
+        return stop
+
+
+class AuditRule:
+    """Which of ASHA's stops run to the end anyway (`RecordingASHA`'s audits): the first stop always
+    (when audits are on), each later one with probability `frac`, from random.Random(seed)."""
+
+    def __init__(self, frac: float, seed: int):
+        self.frac, self._rng, self.audited = frac, random.Random(seed), 0
+
+    def audit(self) -> bool:
+        """Asked once per stop, in the order the stops happen."""
+        if self.frac > 0 and (not self.audited or self._rng.random() < self.frac):
+            self.audited += 1
+            return True
+        return False
+
+
 def replay_asha(values: Values, finals: Mapping[Hashable, float] | pd.Series, order: Iterable[Hashable],
                 milestones: Sequence[int], reduction_factor: float) -> pd.DataFrame:
     """Replay asynchronous successive halving (minimising) over trials that arrive in `order`.
@@ -114,8 +152,7 @@ def replay_asha(values: Values, finals: Mapping[Hashable, float] | pd.Series, or
     order = list(order)
     if len(set(order)) != len(order):
         raise JepatuneError("order lists a trial twice; give each trial once, in the order it arrives")
-    percent = (1 - 1 / reduction_factor) * 100  # Ray's percentile of the rewards
-    recorded: dict[int, list[float]] = {m: [] for m in rungs}  # rewards (= -value), as Ray keeps them
+    rule = AshaRule(rungs, reduction_factor)
     rows = []
     for trial in order:
         final = _float(finals.get(trial))
@@ -127,10 +164,7 @@ def replay_asha(values: Values, finals: Mapping[Hashable, float] | pd.Series, or
             if math.isnan(value):
                 row["unknown"] = True
                 break
-            earlier = recorded[m]
-            stop = bool(earlier) and -value < np.percentile(earlier, percent)
-            earlier.append(-value)
-            if stop:
+            if rule.judge(m, value):
                 row["stopped_at"] = m
                 break
         else:

@@ -14,13 +14,13 @@ pruned trial) and never enters ASHA's cut-offs.
 from __future__ import annotations
 
 import logging
-import random
 import time
 
 import optuna
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from jepatune.analysis.replay import AuditRule
 from jepatune.experiment.store import file_store
 from jepatune.experiment.trials import METRIC, PENALIZED, TIME_ATTR
 from jepatune.spaces import FAILURE_CONSTRAINT
@@ -136,7 +136,7 @@ class RecordingASHA(ASHAScheduler):
         self.decisions_path = decisions_path
         self._decisions = file_store(decisions_path)  # (store, name): where the sweep lives
         self.audit_frac = audit_frac
-        self._audit_rng = random.Random(audit_seed)
+        self._audits = AuditRule(audit_frac, audit_seed)
         self._replayed = False  # pickled False into tuner.pkl, so a resumed driver replays once
         self._stopped: set[str] = set()
         self._audited: set[str] = set()
@@ -158,6 +158,7 @@ class RecordingASHA(ASHAScheduler):
                 recorded.update({r["trial_id"]: self._metric_op * r["value"] for r in rows if r["rung"] == milestone})
         self._stopped = {r["trial_id"] for r in rows if r.get("decision") == "stop"}
         self._audited = {r["trial_id"] for r in rows if r.get("decision") == "audit"}
+        self._audits.audited = len(self._audited)  # the first stop after a resume is no longer "the first"
         if rows:
             log.info("resumed ASHA with %d earlier decisions", len(rows))
 
@@ -178,7 +179,7 @@ class RecordingASHA(ASHAScheduler):
             decision = "stop"
             # The first stop is always audited, so that every sweep with stops measures its pruning at
             # least once; each later one with probability audit_frac.
-            if self.audit_frac > 0 and (not self._audited or self._audit_rng.random() < self.audit_frac):
+            if self._audits.audit():
                 decision, action = "audit", TrialScheduler.CONTINUE
                 self._audited.add(trial.trial_id)
         self._record(trial.trial_id, rung, result, cutoff, decision)

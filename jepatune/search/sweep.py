@@ -13,6 +13,7 @@ from typing import Any
 
 from jepatune.errors import JepatuneError
 from jepatune.experiment.layout import CACHE_DIR, DECISIONS_NAME, SETTINGS_NAME
+from jepatune.experiment.sampling import make_sampler
 from jepatune.experiment.settings import (
     SweepSettings,
     base_config,
@@ -62,17 +63,11 @@ def make_trainable(settings: SweepSettings, config):
 
 
 def make_search(settings: SweepSettings, space):
-    """(searcher, scheduler) of a new sweep: TPE or random suggestions, ASHA or no early stopping
-    (scheduler None: Tune's FIFO, every trial runs its full budget)."""
-    import optuna
-
+    """(searcher, scheduler) of a new sweep: the sampler's suggestions (`experiment.sampling`), ASHA or
+    no early stopping (scheduler None: Tune's FIFO, every trial runs its full budget)."""
     from jepatune.search.searcher import RecordingASHA, RungAwareOptunaSearch
 
-    if settings.sampler == "random":
-        sampler: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=settings.seed)
-    else:
-        sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=settings.startup_trials,
-                                             multivariate=True)  # reads the constraints the space sets
+    sampler = make_sampler(settings.sampler, seed=settings.seed, startup_trials=settings.startup_trials)
     searcher = RungAwareOptunaSearch(space=space.sample, metric=METRIC, mode="min", sampler=sampler,
                                      points_to_evaluate=[space.reference_point()],
                                      trial_steps=settings.trial_steps)

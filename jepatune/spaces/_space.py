@@ -78,6 +78,29 @@ class Dim:
             return self.midpoint()
         return self._snap(min(max(value, self.low), self.high))
 
+    def to_unit(self, value: Any) -> float:
+        """`value` as a coordinate in [0, 1]: linear in the range (in its log for log ranges); for
+        choices, the middle of the choice's equal slot."""
+        if self.choices is not None:
+            return (list(self.choices).index(value) + 0.5) / len(self.choices)
+        assert self.low is not None and self.high is not None
+        if self.high == self.low:
+            return 0.5
+        if self.log:
+            return (math.log(value) - math.log(self.low)) / (math.log(self.high) - math.log(self.low))
+        return (float(value) - self.low) / (self.high - self.low)
+
+    def from_unit(self, u: float) -> Any:
+        """The parameter value at coordinate `u` in [0, 1] (the inverse of `to_unit`, snapped to the
+        range's steps and integers)."""
+        u = min(max(float(u), 0.0), 1.0)
+        if self.choices is not None:
+            return self.choices[min(int(u * len(self.choices)), len(self.choices) - 1)]
+        assert self.low is not None and self.high is not None
+        if self.log:
+            return self._snap(math.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low))))
+        return self._snap(self.low + u * (self.high - self.low))
+
     def midpoint(self) -> Any:
         """Centre of the range (geometric for log ranges), or the first choice."""
         if self.choices is not None:
