@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 from jepatune.analysis.report import markdown_table  # noqa: E402
 from jepatune.benchmark import answers  # noqa: E402
-from jepatune.benchmark.simulate import Strategy, simulate  # noqa: E402
+from jepatune.benchmark.simulate import simulate  # noqa: E402
+from jepatune.benchmark.strategy import Strategy  # noqa: E402
 from jepatune.benchmark.surrogate import Surrogate  # noqa: E402
 from jepatune.benchmark.tables import load_benchmark  # noqa: E402
 

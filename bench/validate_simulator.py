@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 from jepatune.analysis.report import markdown_table  # noqa: E402
 from jepatune.benchmark.from_sweep import sweep_benchmark  # noqa: E402
-from jepatune.benchmark.simulate import Strategy, simulate_sweep  # noqa: E402
+from jepatune.benchmark.simulate import simulate_sweep  # noqa: E402
+from jepatune.benchmark.strategy import Strategy  # noqa: E402
 from jepatune.benchmark.surrogate import Surrogate  # noqa: E402
 from jepatune.benchmark.tables import load_benchmark  # noqa: E402
 

@@ -144,7 +144,7 @@ def _int_tuple(text: str) -> tuple[int, ...]:
 
 
 def _add_record_options(b: argparse.ArgumentParser) -> None:
-    from jepatune.benchmark.record import RecordSettings
+    from jepatune.benchmark.settings import RecordSettings
 
     d = RecordSettings(out="", data="")
     b.add_argument("--out", type=Path, required=True, help="the benchmark folder")
@@ -170,7 +170,8 @@ def _add_record_options(b: argparse.ArgumentParser) -> None:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from jepatune.benchmark.record import RecordSettings, record_benchmark
+    from jepatune.benchmark.record import record_benchmark
+    from jepatune.benchmark.settings import RecordSettings
     from jepatune.benchmark.tables import load_benchmark
     from jepatune.trainer.config import parse_set_args
 
@@ -193,7 +194,7 @@ def _str_tuple(text: str) -> tuple[str, ...]:
 
 
 def _add_simulate_options(p: argparse.ArgumentParser) -> None:
-    from jepatune.benchmark.simulate import Strategy
+    from jepatune.benchmark.strategy import Strategy
 
     d = Strategy()
     p.add_argument("source", help="a benchmark folder (`jepatune benchmark record`), or a finished sweep (its folder "
@@ -225,7 +226,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from jepatune.analysis.tables import write_parquet
     from jepatune.benchmark.answers import strategy_table
     from jepatune.benchmark.from_sweep import load_source
-    from jepatune.benchmark.simulate import Strategy, simulate
+    from jepatune.benchmark.simulate import simulate
+    from jepatune.benchmark.strategy import Strategy
     from jepatune.benchmark.surrogate import Surrogate
 
     bench = load_source(args.source)

@@ -92,7 +92,7 @@ def test_simulating_loads_neither_ray_nor_torch(tmp_path):
     code = ("import sys; sys.path.insert(0, 'tests/benchmark')\n"
             "from test_simulate import synthetic\n"
             "from jepatune.benchmark.surrogate import Surrogate\n"
-            "from jepatune.benchmark.simulate import Strategy, simulate\n"
+            "from jepatune.benchmark.simulate import simulate\nfrom jepatune.benchmark.strategy import Strategy\n"
             "from jepatune.benchmark import answers, from_sweep\n"
             "s = Surrogate(synthetic(n=30))\n"
             "sim = simulate(s, [Strategy(startup_trials=4)], repetitions=2, compute_trials=8)\n"

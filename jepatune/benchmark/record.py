@@ -32,7 +32,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -42,64 +42,15 @@ import pandas as pd
 
 from jepatune.analysis.tables import write_parquet
 from jepatune.atomic import atomic_write_text
+from jepatune.benchmark.settings import RecordSettings
 from jepatune.benchmark.tables import BENCHMARK_NAME, CURVES_NAME, RECIPES_NAME, RECORDS_NAME, RUNS_NAME, read_records
 from jepatune.errors import JepatuneError
-from jepatune.experiment.fidelity import rung_steps
 from jepatune.experiment.trials import PENALTY_BPB, trial_config
 from jepatune.spaces import INFEASIBLE_KEY, Space, get_space
 from jepatune.trainer.config import PRESETS, TrainConfig, load_config
 
 Record = dict[str, Any]
 KINDS = ("main", "transfer", "probe", "restart")
-
-
-@dataclass(frozen=True)
-class RecordSettings:
-    """What a benchmark records; the defaults are the demo proxy's (`jepatune demo`)."""
-
-    out: str
-    data: str
-    space: str = "curriculum"
-    preset: str | None = "demo"
-    overrides: dict[str, Any] = field(default_factory=dict)
-    recipes: int = 200
-    seeds: int = 2
-    trial_steps: int = 120
-    # Every rung of ASHA's ladders for first rungs of B/8 and B/4 and reduction factors 2 and 3.
-    graces: tuple[int, ...] = (0, 0)  # 0: B/8 and B/4
-    factors: tuple[int, ...] = (2, 3)
-    transfer_recipes: int = 30
-    transfer_factor: int = 4
-    transfer_seeds: int = 2
-    fidelity_seeds: int = 1
-    probe_steps: int = 15  # half the default first rung (B/4), as a probe sweep's default
-    fidelity_rungs: tuple[int, ...] = ()  # the probe and restart rungs; () = the default ladder's
-    seed: int = 0  # the design's seed
-    workers: int = 2
-
-    def grace_steps(self) -> tuple[int, ...]:
-        b = self.trial_steps
-        return tuple(g or max(1, b // (8 if i == 0 else 4)) for i, g in enumerate(self.graces))
-
-    def rungs(self) -> tuple[int, ...]:
-        """Every rung below the budget of every recorded ladder (where each main run is evaluated)."""
-        return tuple(sorted({r for g in self.grace_steps() for f in self.factors
-                             for r in rung_steps(self.trial_steps, g, f)[:-1]}))
-
-    def default_rungs(self) -> tuple[int, ...]:
-        return self.fidelity_rungs or rung_steps(self.trial_steps, max(1, self.trial_steps // 4), 2)[:-1]
-
-    def check(self) -> None:
-        for key, low in (("recipes", 2), ("seeds", 1), ("trial_steps", 2), ("transfer_factor", 1),
-                         ("transfer_seeds", 1), ("fidelity_seeds", 0), ("workers", 1), ("probe_steps", 1)):
-            if getattr(self, key) < low:
-                raise JepatuneError(f"--{key.replace('_', '-')}={getattr(self, key)}: must be at least {low}")
-        if not 0 <= self.transfer_recipes <= self.recipes:
-            raise JepatuneError(f"--transfer-recipes={self.transfer_recipes}: must be in [0, --recipes]")
-        if any(f < 2 for f in self.factors):
-            raise JepatuneError(f"--factors {list(self.factors)}: every reduction factor must be at least 2")
-        if self.preset is not None and self.preset not in PRESETS:
-            raise JepatuneError(f"--preset {self.preset!r} is unknown; choose one of {', '.join(sorted(PRESETS))}")
 
 
 def base_recipe(s: RecordSettings) -> TrainConfig:

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from jepatune.benchmark import answers
-from jepatune.benchmark.simulate import Strategy, anytime, simulate, simulate_sweep
+from jepatune.benchmark.simulate import anytime, simulate, simulate_sweep
+from jepatune.benchmark.strategy import Strategy
 from jepatune.benchmark.surrogate import Surrogate
 from jepatune.benchmark.tables import Benchmark
 from jepatune.errors import JepatuneError
