@@ -237,7 +237,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         s = Strategy(sampler=sampler, startup_trials=startup, scheduler=scheduler, grace_steps=grace,
                      reduction_factor=rf, fidelity=fidelity, audit_frac=args.audit_frac, concurrency=args.concurrency)
         s.check()
-        if s not in strategies and not (scheduler == "none" and any(x.label() == s.label() for x in strategies)):
+        if s.label() not in {x.label() for x in strategies}:  # without ASHA, ladders and fidelities are one
             strategies.append(s)
     surrogates = {f: Surrogate(bench, f, args.neighbours) for f in dict.fromkeys(s.fidelity for s in strategies)}
     print(f"benchmark: {bench.describe()}")

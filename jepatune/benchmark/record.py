@@ -45,17 +45,12 @@ from jepatune.atomic import atomic_write_text
 from jepatune.benchmark.settings import RecordSettings
 from jepatune.benchmark.tables import BENCHMARK_NAME, CURVES_NAME, RECIPES_NAME, RECORDS_NAME, RUNS_NAME, read_records
 from jepatune.errors import JepatuneError
+from jepatune.experiment.settings import base_config
 from jepatune.experiment.trials import PENALTY_BPB, trial_config
 from jepatune.spaces import INFEASIBLE_KEY, Space, get_space
-from jepatune.trainer.config import PRESETS, TrainConfig, load_config
+from jepatune.trainer.config import TrainConfig
 
 Record = dict[str, Any]
-KINDS = ("main", "transfer", "probe", "restart")
-
-
-def base_recipe(s: RecordSettings) -> TrainConfig:
-    overrides = {**(PRESETS[s.preset] if s.preset else {}), **s.overrides, "data_path": str(Path(s.data).resolve())}
-    return load_config(None, overrides)
 
 
 # --- the design -------------------------------------------------------------------------------------
@@ -79,17 +74,16 @@ def design(space: Space, n: int, seed: int) -> list[Record]:
     points = [("reference", space.reference_point())]
     if (ce0 := ce_from_zero(space)) is not None:
         points.append(("ce-from-0", ce0))
-    draws, tries = [], 0
-    while len(points) + len(draws) < n:
-        tries += 1
-        if tries > 20:
-            raise JepatuneError(f"space {space.name!r}: fewer than {n} feasible points in 20 designs; record "
-                                f"fewer recipes or widen the space")
-        unit = latin_hypercube(n - len(points), len(space.dims), seed + tries - 1)
+    need = n - len(points)
+    for attempt in range(20):  # a design with infeasible points is drawn again, with the next seed
+        unit = latin_hypercube(need, len(space.dims), seed + attempt)
         draws = [p for p in ({d.name: d.from_unit(u) for d, u in zip(space.dims, row, strict=True)} for row in unit)
-                 if INFEASIBLE_KEY not in space.overrides(p)][: n - len(points)]
-        if len(points) + len(draws) < n:
-            draws = []
+                 if INFEASIBLE_KEY not in space.overrides(p)]
+        if len(draws) == need:
+            break
+    else:
+        raise JepatuneError(f"space {space.name!r}: fewer than {n} feasible points in 20 designs; record fewer "
+                            f"recipes or widen the space")
     points += [("design", p) for p in draws]
     return [{"recipe": i, "origin": origin, "params": params, "knobs": space.overrides(params)}
             for i, (origin, params) in enumerate(points)]
@@ -207,7 +201,7 @@ def record_benchmark(s: RecordSettings, *, resume: bool = False, log: Callable[[
         raise JepatuneError(f"--resume: {out} holds no recording ({RECORDS_NAME}); start one without --resume")
     if not any(Path(s.data).glob("*_val_*.bin")):  # no shards given: the demo corpus, as `jepatune demo` builds it
         build_demo(s.data)
-    base = base_recipe(s)
+    base = base_config(s)
     space = get_space(s.space, base=base)
     if resume:
         records = read_records(records_path)

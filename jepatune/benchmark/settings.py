@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jepatune.errors import JepatuneError
-from jepatune.experiment.fidelity import rung_steps
+from jepatune.experiment.fidelity import default_grace, rung_steps
 from jepatune.trainer.config import PRESETS
 
 
@@ -23,7 +23,7 @@ class RecordSettings:
     seeds: int = 2
     trial_steps: int = 120
     # Every rung of ASHA's ladders for first rungs of B/8 and B/4 and reduction factors 2 and 3.
-    graces: tuple[int, ...] = (0, 0)  # 0: B/8 and B/4
+    graces: tuple[int, ...] = (0, 0)  # 0: B/8, and the sweep's default first rung (B/4)
     factors: tuple[int, ...] = (2, 3)
     transfer_recipes: int = 30
     transfer_factor: int = 4
@@ -36,7 +36,7 @@ class RecordSettings:
 
     def grace_steps(self) -> tuple[int, ...]:
         b = self.trial_steps
-        return tuple(g or max(1, b // (8 if i == 0 else 4)) for i, g in enumerate(self.graces))
+        return tuple(g or (max(1, b // 8) if i == 0 else default_grace(b)) for i, g in enumerate(self.graces))
 
     def rungs(self) -> tuple[int, ...]:
         """Every rung below the budget of every recorded ladder (where each main run is evaluated)."""
@@ -44,7 +44,8 @@ class RecordSettings:
                              for r in rung_steps(self.trial_steps, g, f)[:-1]}))
 
     def default_rungs(self) -> tuple[int, ...]:
-        return self.fidelity_rungs or rung_steps(self.trial_steps, max(1, self.trial_steps // 4), 2)[:-1]
+        """The probe and restart rungs: the sweep's default ladder unless given."""
+        return self.fidelity_rungs or rung_steps(self.trial_steps, default_grace(self.trial_steps), 2)[:-1]
 
     def check(self) -> None:
         for key, low in (("recipes", 2), ("seeds", 1), ("trial_steps", 2), ("transfer_factor", 1),

@@ -5,22 +5,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from jepatune.errors import JepatuneError
-from jepatune.experiment.fidelity import get_fidelity, rung_steps
+from jepatune.experiment.fidelity import default_grace, get_fidelity, rung_steps
 from jepatune.experiment.sampling import SAMPLERS
+from jepatune.experiment.settings import SCHEDULERS, SweepSettings
 
 
 @dataclass(frozen=True)
 class Strategy:
-    """The search settings a simulation compares (the names and defaults of `jepatune search`)."""
+    """The search settings a simulation compares: the names and defaults of `SweepSettings`."""
 
-    sampler: str = "tpe"
-    startup_trials: int = 10
-    scheduler: str = "asha"
-    grace_steps: int = 0  # 0 = a quarter of the budget
-    reduction_factor: int = 2
-    fidelity: str = "snapshot"
-    audit_frac: float = 0.05
-    concurrency: int = 2
+    sampler: str = SweepSettings.sampler
+    startup_trials: int = SweepSettings.startup_trials
+    scheduler: str = SweepSettings.scheduler
+    grace_steps: int = SweepSettings.grace_steps  # 0 = default_grace(budget)
+    reduction_factor: int = SweepSettings.reduction_factor
+    fidelity: str = SweepSettings.fidelity
+    audit_frac: float = SweepSettings.audit_frac
+    concurrency: int = SweepSettings.concurrency
 
     def label(self) -> str:
         name = self.sampler if self.sampler == "random" else f"{self.sampler}({self.startup_trials})"
@@ -31,8 +32,8 @@ class Strategy:
     def check(self) -> None:
         if self.sampler not in SAMPLERS:
             raise JepatuneError(f"--sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
-        if self.scheduler not in ("asha", "none"):
-            raise JepatuneError(f"--scheduler {self.scheduler!r}: choose asha or none")
+        if self.scheduler not in SCHEDULERS:
+            raise JepatuneError(f"--scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
         if self.reduction_factor < 2 or self.concurrency < 1 or self.startup_trials < 0 or self.grace_steps < 0:
             raise JepatuneError("--reduction-factor must be at least 2, --concurrency at least 1, --startup-trials "
                                 "and --grace-steps at least 0")
@@ -42,5 +43,4 @@ class Strategy:
         """ASHA's milestones below the budget, in steps of the budget (as `SweepSettings.rungs`)."""
         if self.scheduler == "none":
             return ()
-        grace = self.grace_steps or max(1, round(budget * 0.25))
-        return rung_steps(budget, grace, self.reduction_factor)[:-1]
+        return rung_steps(budget, self.grace_steps or default_grace(budget), self.reduction_factor)[:-1]

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,6 +137,3 @@ def load_benchmark(folder: str | Path) -> Benchmark:
     tables = {name: pd.read_parquet(folder / name) for name in (RECIPES_NAME, RUNS_NAME, CURVES_NAME)}
     return Benchmark(info, tables[RECIPES_NAME], tables[RUNS_NAME], tables[CURVES_NAME])
 
-
-def finite_or_penalty(x: float) -> float:
-    return x if x is not None and math.isfinite(x) else PENALTY_BPB

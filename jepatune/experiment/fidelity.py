@@ -26,6 +26,11 @@ from jepatune.errors import JepatuneError
 GRACE_DEFAULT_FRAC = 0.25
 
 
+def default_grace(trial_steps: int) -> int:
+    """The first rung when none is given: `GRACE_DEFAULT_FRAC` of the budget, at least one step."""
+    return max(1, round(trial_steps * GRACE_DEFAULT_FRAC))
+
+
 def rung_steps(trial_steps: int, grace_steps: int, reduction_factor: float) -> tuple[int, ...]:
     """ASHA's milestones grace * rf^k below the budget, then the budget itself."""
     rungs, s = [], grace_steps

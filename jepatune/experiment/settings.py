@@ -19,11 +19,11 @@ import typing
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from jepatune.atomic import atomic_write_text, unwritable_ancestor
 from jepatune.errors import ConfigError, JepatuneError
-from jepatune.experiment.fidelity import FIDELITIES, GRACE_DEFAULT_FRAC, Fidelity, get_fidelity, rung_steps
+from jepatune.experiment.fidelity import FIDELITIES, Fidelity, default_grace, get_fidelity, rung_steps
 from jepatune.experiment.layout import SETTINGS_NAME
 from jepatune.experiment.sampling import SAMPLERS
 from jepatune.experiment.store import Store, is_uri, join
@@ -87,8 +87,7 @@ class SweepSettings:
 
     @property
     def rungs(self) -> tuple[int, ...]:
-        grace = self.grace_steps or max(1, round(self.trial_steps * GRACE_DEFAULT_FRAC))
-        return rung_steps(self.trial_steps, grace, self.reduction_factor)
+        return rung_steps(self.trial_steps, self.grace_steps or default_grace(self.trial_steps), self.reduction_factor)
 
     @property
     def rung_fidelity(self) -> Fidelity:
@@ -242,7 +241,15 @@ def read_settings_toml(cls: type, path: Path) -> dict[str, Any]:
 
 # --- the sweep's record -----------------------------------------------------------------------
 
-def base_config(settings: SweepSettings) -> TrainConfig:
+class RecipeBase(Protocol):
+    """What names a base recipe: a sweep's settings, a benchmark recording's."""
+
+    preset: str | None
+    overrides: dict[str, Any]
+    data: str
+
+
+def base_config(settings: RecipeBase) -> TrainConfig:
     """The recipe every trial starts from: the reference, a preset, the fixed knobs, the data."""
     overrides: dict[str, Any] = {}
     if settings.preset is not None:
