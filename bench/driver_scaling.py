@@ -5,7 +5,7 @@ knobs) at every ASHA rung at once, so the wall time is the driver's: the real
 `RungAwareOptunaSearch` (TPE or random, from `jepatune.search.sweep.make_search`) suggesting
 and being told results, the real `RecordingASHA` deciding and appending its decisions, the
 per-trial terminal lines, and Ray Tune's own bookkeeping (starting each trial on a reused
-worker, processing results, the experiment snapshot every 2 s, as `run_sweep` sets it).
+worker, processing results, the experiment snapshot with Ray's back-off, as in `run_sweep`).
 `start_s` is the time to the first trial's completion (Ray starting the worker processes);
 `ms/trial` the wall time per trial after it (between the first and the last completion);
 `searcher` and `asha` the milliseconds per trial spent inside those two; `last10%` the wall time
@@ -49,7 +49,7 @@ from jepatune.experiment.trials import METRIC, PENALTY_BPB, TIME_ATTR  # noqa: E
 from jepatune.search.progress import TrialLines  # noqa: E402
 from jepatune.search.retention import DropEndedState  # noqa: E402
 from jepatune.search.searcher import RecordingASHA  # noqa: E402
-from jepatune.search.sweep import SNAPSHOT_PERIOD_S, make_search  # noqa: E402
+from jepatune.search.sweep import make_search  # noqa: E402
 from jepatune.spaces import get_space  # noqa: E402
 from jepatune.trainer.config import TrainConfig  # noqa: E402
 
@@ -186,7 +186,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", SNAPSHOT_PERIOD_S)  # as run_sweep
     start_ray(args.concurrency)
     print(f"{machine()}\ninstant trials on the '{args.space}' space, rungs at {args.trial_steps // 8} .. "
           f"{args.trial_steps} steps, {args.concurrency} at a time; ms per trial", flush=True)

@@ -33,7 +33,7 @@ from sweep_overhead import demo_data, load, machine, print_table, run_in_temp, s
 
 from jepatune.experiment.settings import SweepSettings, base_config
 from jepatune.experiment.trials import METRIC, TIME_ATTR  # noqa: E402
-from jepatune.search.sweep import SNAPSHOT_PERIOD_S, make_search, make_trainable  # noqa: E402
+from jepatune.search.sweep import make_search, make_trainable  # noqa: E402
 from jepatune.spaces import get_space  # noqa: E402
 from jepatune.trainer.loop import trainer_code_bytes  # noqa: E402
 
@@ -118,7 +118,6 @@ def run_once(settings: SweepSettings, budget: int) -> tuple[Ledger, float]:
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # as run_sweep
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", SNAPSHOT_PERIOD_S)
     base = SweepSettings(data=str(demo_data(work, args.data)), out=str(work), space=args.space,
                          trial_steps=args.trial_steps, concurrency=args.concurrency, preset=args.preset,
                          startup_trials=args.startup_trials)

@@ -8,6 +8,8 @@ from typing import Any
 from jepatune.analysis import explore
 from jepatune.analysis.finalists import conclusion
 from jepatune.analysis.tables import load
+from jepatune.experiment.layout import REPORTS_DIR
+from jepatune.experiment.report_log import LOG_SUFFIX
 from jepatune.experiment.settings import read_settings
 
 TRIAL_PREFIX = "run_trial_"  # Ray's trial folders of a sweep (the trainable's name)
@@ -21,14 +23,26 @@ def human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def _trial_of(rel: str) -> str | None:
+    """The trial folder a file of the sweep belongs to: one in Ray's trial folder, or in the trial's
+    report log (`reports/<trial folder>.jsonl`, or its folder of rows on an object store)."""
+    head, _, rest = rel.partition("/")
+    if head.startswith(TRIAL_PREFIX):
+        return head
+    if head == REPORTS_DIR and rest:
+        return rest.split("/", 1)[0].removesuffix(".rows").removesuffix(LOG_SUFFIX)
+    return None
+
+
 def storage_use(folder: str | os.PathLike) -> dict[str, Any]:
-    """Bytes the sweep takes where it lives: in all, in trial folders (and of those, in checkpoints),
-    per trial; one listing of its storage."""
+    """Bytes the sweep takes where it lives: in all, in trials (their folders and report logs; of
+    those, in checkpoints), per trial; one listing of its storage."""
     settings = read_settings(folder)
     files = settings.store.files("", recursive=True)
     root = settings.store.path()
-    in_trials = [f for f in files if f.path[len(root):].lstrip("/").startswith(TRIAL_PREFIX)]
-    trials = {f.path[len(root):].lstrip("/").split("/", 1)[0] for f in in_trials}
+    owner = {f.path: _trial_of(f.path[len(root):].lstrip("/")) for f in files}
+    in_trials = [f for f in files if owner[f.path] is not None]
+    trials = {owner[f.path] for f in in_trials}
     total, trial_bytes = sum(f.size or 0 for f in files), sum(f.size or 0 for f in in_trials)
     return {"where": settings.experiment_path, "bytes": total, "trial_bytes": trial_bytes, "trials": len(trials),
             "checkpoint_bytes": sum(f.size or 0 for f in in_trials if "/checkpoint_" in f.path),

@@ -25,8 +25,9 @@ import pyarrow.parquet as pq
 from jepatune.analysis import schema
 from jepatune.analysis.finalists import finalists_table
 from jepatune.atomic import atomic_path
-from jepatune.experiment.layout import DECISIONS_NAME, FINAL_RUNS, TABLES_DIR
+from jepatune.experiment.layout import DECISIONS_NAME, FINAL_RUNS, REPORTS_DIR, TABLES_DIR
 from jepatune.experiment.ray_files import metric_reports, read_trials, trial_status
+from jepatune.experiment.report_log import LOG_SUFFIX
 from jepatune.experiment.settings import SweepSettings, read_metadata, read_settings
 from jepatune.experiment.store import Store
 from jepatune.experiment.trials import KNOBS, METRIC, PENALIZED, trial_config, trial_key
@@ -194,8 +195,8 @@ def load(folder: str | os.PathLike) -> Tables:
     first when missing or stale.
 
     Stale: a source is newer (mtime) than the oldest table. Sources: the decisions and the retrain's
-    runs, and each Ray trial's `result.json` when the sweep is on a local path (on a storage URI
-    such as s3:// those are not checked: listing every trial costs a request each)."""
+    runs, and each Ray trial's `result.json` and report log when the sweep is on a local path (on a
+    storage URI such as s3:// those are not checked: listing every trial costs a request each)."""
     if _stale(folder):
         write_tables(folder)
     tables = load_tables(folder)
@@ -212,4 +213,5 @@ def _stale(folder: str | os.PathLike) -> bool:
     sources = [store.newest_mtime_ns(DECISIONS_NAME), store.newest_mtime_ns(FINAL_RUNS)]
     if not store.remote:
         sources += [p.stat().st_mtime_ns for p in Path(settings.experiment_path).glob("*/result.json")]
+        sources.append(store.newest_in(REPORTS_DIR, LOG_SUFFIX))
     return any(t is not None and t > oldest for t in sources)

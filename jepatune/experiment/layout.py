@@ -2,7 +2,8 @@
 
 A sweep folder `OUT/NAME` holds Ray's trial folders (the source of truth), `sweep.json`
 (settings, base recipe, versions), `decisions.jsonl` (every ASHA decision), `finished/` (a cache
-of finished trials, so none trains twice), `final/` (the retrain's runs), `tables/` (Parquet),
+of finished trials, so none trains twice), `reports/` (every trial's params and reports, written by
+the node that trains it), `final/` (the retrain's runs), `tables/` (Parquet),
 `best.toml` and `report.md` with its figures. An ablation folder holds `ablation.json`,
 `finished/`, Ray's trial folders and `tables/`.
 """
@@ -21,6 +22,7 @@ SETTINGS_NAME = "sweep.json"
 ABLATION_NAME = "ablation.json"
 DECISIONS_NAME = "decisions.jsonl"
 CACHE_DIR = "finished"
+REPORTS_DIR = "reports"
 TABLES_DIR = "tables"
 FINAL_DIR = "final"
 RUNS_NAME = "runs.jsonl"

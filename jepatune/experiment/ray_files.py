@@ -3,7 +3,8 @@
 Each trial folder holds `params.json` (its suggestion), `result.json` (one JSON object per
 report) and `error.txt` when it raised; `experiment_state-*.json` snapshots hold trial states,
 and `searcher-state-*.pkl` the searcher (with its Optuna study). Read with pyarrow's filesystem
-layer, with no Ray imported.
+layer, with no Ray imported. Ray copies those files to the storage only at its snapshots, so a
+trial's reports are completed from the log it keeps itself (`experiment.report_log`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from jepatune.errors import JepatuneError
-from jepatune.experiment.layout import filesystem
+from jepatune.experiment.layout import filesystem, parse_jsonl
+from jepatune.experiment.report_log import merge_reports, read_report_logs
 from jepatune.experiment.settings import read_settings
 from jepatune.experiment.trials import METRIC, PENALIZED
 
@@ -59,31 +61,31 @@ def trial_states(fs: pafs.FileSystem, root: str) -> dict[str, tuple[str, int]]:
 
 
 def read_trials(experiment: str) -> list[dict[str, Any]]:
-    """One dict per trial folder: id, params, reports, error, Ray state."""
+    """One dict per trial: id, params, reports, error, Ray state. A trial is a Ray trial folder, or a
+    report log whose folder never reached the storage; its reports are Ray's copy with the steps that
+    copy lacks taken from the trial's report log (`experiment.report_log`)."""
     fs, root = filesystem(experiment)
     states = trial_states(fs, root)
-    trials = []
+    logs = read_report_logs(experiment)
+    found = {}
     for info in fs.get_file_info(pafs.FileSelector(root)):
-        if info.type != pafs.FileType.Directory:
+        if info.type != pafs.FileType.Directory or (params := read_text(fs, f"{info.path}/params.json")) is None:
             continue
-        results = read_text(fs, f"{info.path}/result.json")
-        params = read_text(fs, f"{info.path}/params.json")
-        if params is None:
-            continue
-        reports = []
-        for line in (results or "").splitlines():
-            try:
-                reports.append(json.loads(line))
-            except ValueError:  # a line cut by a crash mid-write
-                continue
-        error = read_text(fs, f"{info.path}/error.txt")
-        name = Path(info.path).name
+        ray_reports = parse_jsonl(read_text(fs, f"{info.path}/result.json") or "")  # a line cut by a crash is skipped
+        logged = logs.pop(info.base_name, {"reports": []})["reports"]
+        found[info.base_name] = (json.loads(params), merge_reports(ray_reports, logged),
+                                 read_text(fs, f"{info.path}/error.txt"))
+    for name, log in logs.items():
+        if log["params"] is not None:
+            found[name] = (log["params"], log["reports"], None)
+    trials = []
+    for name, (params, reports, error) in found.items():
         match = TRIAL_FOLDER.search(name)
         trial_id = reports[0]["trial_id"] if reports else (match.group(1) if match else name)
         index = int(match.group(2)) if match else 10**9
-        trials.append({"trial_id": trial_id, "folder": name, "params": json.loads(params), "index": index,
-                       "reports": reports, "error": error, "state": states.get(trial_id, (None, 0))[0],
-                       "restarts": states.get(trial_id, (None, 0))[1]})
+        state, restarts = states.get(trial_id, (None, 0))
+        trials.append({"trial_id": trial_id, "folder": name, "params": params, "index": index,
+                       "reports": reports, "error": error, "state": state, "restarts": restarts})
     return sorted(trials, key=lambda t: (t["index"], t["folder"]))
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from jepatune.errors import JepatuneError
-from jepatune.experiment.layout import CACHE_DIR, DECISIONS_NAME, SETTINGS_NAME
+from jepatune.experiment.layout import DECISIONS_NAME, SETTINGS_NAME
 from jepatune.experiment.sampling import make_sampler
 from jepatune.experiment.settings import (
     SweepSettings,
@@ -25,19 +25,20 @@ from jepatune.experiment.store import is_uri, join
 from jepatune.experiment.trials import KNOBS, METRIC
 
 # Ray snapshots the experiment (trial states, the checkpoint each trial restarts from, the searcher)
-# every 2 s. Its own back-off ("auto": every max(10 s, 19 x the last snapshot's write time)) would
-# cost less driver time, but Ray also copies each trial's result.json from the driver's staging
-# folder at each snapshot, and a trial that restarts (a lost node) starts again from that copy: with
-# 10 s and more, the reports of its last rungs before the loss were gone from its curve (CI, the
-# removed-node test). `--resume` starts from the last snapshot, so a hard kill costs each trial
-# running then its work since the checkpoint that snapshot names: at most its last rung and one
-# snapshot period. Finished trials cost nothing
-# (the finished-trial cache) and ASHA's decisions are logged as they are taken, not snapshotted. A
-# trial keeps its rung checkpoints while it runs (with num_to_keep=1 Ray deletes the previous one
-# while the snapshot on storage can still name it: 2 of 9 killed test sweeps failed to restore);
-# once it ends, retention.py drops their training state. The tables of a running sweep lag by up to
-# one period (a finished trial's result is in the cache at once). TUNE_GLOBAL_CHECKPOINT_S wins.
-SNAPSHOT_PERIOD_S = "2"
+# with its own back-off: every max(10 s, 19 x the last snapshot's write time), so that the snapshot,
+# which grows with the trial count, takes at most a twentieth of the driver's time
+# (TUNE_GLOBAL_CHECKPOINT_S, when set, wins). What the period does not cost:
+# - curve points: each trial logs its reports itself on the storage (experiment.report_log), so a
+#   trial restarted after a lost node, from Ray's older copy of its result.json, keeps every one;
+# - finished results: the finished-trial cache, written by the trial before its last report;
+# - ASHA's decisions: logged as they are taken, not snapshotted.
+# What it costs, after a hard kill of the driver (`--resume` starts from the last snapshot): each
+# trial running then redoes its work since the checkpoint that snapshot names, at most one period
+# and one rung; a trial started after it is lost to Ray and to the searcher (its folder and log stay,
+# and the tables keep it; the searcher suggests again, and the cache answers a recipe that had
+# finished). A trial keeps its rung checkpoints while it runs (with num_to_keep=1 Ray deletes the
+# previous one while the snapshot on storage can still name it: 2 of 9 killed test sweeps failed to
+# restore); once it ends, retention.py drops their training state.
 
 
 def ensure_ray() -> None:
@@ -56,7 +57,7 @@ def make_trainable(settings: SweepSettings, config):
 
     return tune.with_resources(
         tune.with_parameters(run_trial, base=config.to_dict(), trial_steps=settings.trial_steps,
-                             rungs=settings.rungs, cache_dir=join(settings.experiment_path, CACHE_DIR),
+                             rungs=settings.rungs, experiment=settings.experiment_path,
                              checkpoint_every=settings.checkpoint_every, fidelity=settings.rung_fidelity,
                              probe_steps=settings.probe_length),
         trial_resources(settings.cpus_per_trial, settings.gpus_per_trial))
@@ -111,7 +112,7 @@ def _build_tuner(settings: SweepSettings, config, space, restore: bool):
         run_config=tune.RunConfig(name=settings.name, storage_path=str(Path(path).parent)
                                   if settings.storage is None else settings.storage.rstrip("/"),
                                   failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-                                  # num_to_keep unset: see SNAPSHOT_PERIOD_S
+                                  # num_to_keep unset: see the snapshot note above
                                   checkpoint_config=tune.CheckpointConfig(), verbose=0,
                                   callbacks=[TrialLines(settings.samples, settings.trial_steps), DropEndedState()]),
     )
@@ -141,7 +142,6 @@ def run_sweep(settings: SweepSettings, *, resume: bool = False):
     else:  # resumed on another machine from the storage URI alone: the local folder is made anew
         local_folder(settings)
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", SNAPSHOT_PERIOD_S)  # read when the Tuner starts
     ensure_ray()
     tuner = _build_tuner(settings, config, space, restore=resume)
     grid = tuner.fit()  # ends with a last snapshot, which names each trial's newest checkpoint

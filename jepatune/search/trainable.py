@@ -4,7 +4,8 @@ It evaluates exactly at the ASHA rungs, reports a checkpoint with each rung's me
 (so a failed trial restarts from its last rung), turns divergence and infeasible
 configs into a penalty value the searcher can learn from, and keeps a cache of finished
 trials beside the experiment so a trial that is suggested again after a driver crash
-reports its result instead of training again.
+reports its result instead of training again. Each report is first added to the trial's own log
+on the sweep's storage (`experiment.report_log`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from ray import tune
 
 from jepatune.atomic import atomic_write_text
 from jepatune.experiment.fidelity import SNAPSHOT, Fidelity
-from jepatune.experiment.store import Store
+from jepatune.experiment.layout import CACHE_DIR
+from jepatune.experiment.report_log import ReportLog
+from jepatune.experiment.store import Store, join
 from jepatune.experiment.trials import METRIC, PENALTY_BPB, TIME_ATTR, config_key, trial_config, trial_key
 from jepatune.spaces import memory_violation
 from jepatune.trainer.checkpoint import CHECKPOINT_NAME
@@ -56,12 +59,25 @@ class FinishedCache:
         self.store.write_text(self.rel, json.dumps(result))
 
 
-def _report_if_finished(saved: str | None) -> bool:
-    """Report a finished result saved before (JSON text) again, with no training, if there is one."""
-    if saved is None:
-        return False
-    tune.report({**json.loads(saved), "cached": True})
-    return True
+class Reporter:
+    """`tune.report`, each report first added to the trial's log on the sweep's storage
+    (`experiment.report_log`: what the tables read where Ray's copy lags)."""
+
+    def __init__(self, experiment: str, suggestion: dict[str, Any]):
+        context = tune.get_context()
+        self.log = ReportLog(experiment, Path(context.get_trial_dir()).name, context.get_trial_id())
+        self.log.start(suggestion)
+
+    def __call__(self, out: dict[str, Any], checkpoint: tune.Checkpoint | None = None) -> None:
+        self.log.add(out)
+        tune.report(out, checkpoint=checkpoint)
+
+    def if_finished(self, saved: str | None) -> bool:
+        """Report a finished result saved before (JSON text) again, with no training, if there is one."""
+        if saved is None:
+            return False
+        self({**json.loads(saved), "cached": True})
+        return True
 
 
 def _saved(path: Path) -> str | None:
@@ -69,25 +85,27 @@ def _saved(path: Path) -> str | None:
 
 
 def run_trial(suggestion: dict[str, Any], *, base: dict[str, Any], trial_steps: int, rungs: tuple[int, ...],
-              cache_dir: str, checkpoint_every: int = 1, fidelity: Fidelity = SNAPSHOT, probe_steps: int = 0) -> None:
-    """The function Ray runs for each trial (see module docstring). A checkpoint travels with
-    every `checkpoint_every`-th rung's report and always with the last. Every report carries
-    `compute_steps`, the optimiser steps the trial has spent (probe branches and restarts included)."""
+              experiment: str, checkpoint_every: int = 1, fidelity: Fidelity = SNAPSHOT, probe_steps: int = 0) -> None:
+    """The function Ray runs for each trial of the sweep at `experiment` (see module docstring). A
+    checkpoint travels with every `checkpoint_every`-th rung's report and always with the last. Every
+    report carries `compute_steps`, the optimiser steps the trial has spent (probe branches and
+    restarts included)."""
     node = _node_id()
+    publish = Reporter(experiment, suggestion)
     if "_infeasible" in suggestion:  # rejected by the space's constraints: no training spent
-        tune.report({METRIC: PENALTY_BPB, TIME_ATTR: 0, "tokens": 0, "status": "infeasible",
+        publish({METRIC: PENALTY_BPB, TIME_ATTR: 0, "tokens": 0, "status": "infeasible",
                      "reason": suggestion["_infeasible"], "trial_steps": trial_steps, "node": node})
         return
     config = trial_config(base, suggestion, trial_steps, rungs, probe_steps)
     if (reason := memory_violation(config, device_memory_bytes(config.device))) is not None:
-        tune.report({METRIC: PENALTY_BPB, TIME_ATTR: 0, "tokens": 0, "status": "infeasible", "reason": reason,
+        publish({METRIC: PENALTY_BPB, TIME_ATTR: 0, "tokens": 0, "status": "infeasible", "reason": reason,
                      "trial_steps": trial_steps, "node": node, "config_key": config_key(config)})
         return
-    cache = FinishedCache(cache_dir, trial_key(config, fidelity))
-    if _report_if_finished(cache.read()):
+    cache = FinishedCache(join(experiment, CACHE_DIR), trial_key(config, fidelity))
+    if publish.if_finished(cache.read()):
         return
     if fidelity.restarts:
-        _run_restart(config, rungs, cache, node, fidelity)
+        _run_restart(config, rungs, cache, node, fidelity, publish)
         return
 
     checkpoint = tune.get_checkpoint()
@@ -97,11 +115,11 @@ def run_trial(suggestion: dict[str, Any], *, base: dict[str, Any], trial_steps: 
         resume_from = None
         if checkpoint is not None:
             restored = Path(checkpoint.to_directory(str(scratch / "restored")))
-            if _report_if_finished(_saved(restored / RESULT_NAME)):  # the trial had finished: do not retrain
+            if publish.if_finished(_saved(restored / RESULT_NAME)):  # the trial had finished: do not retrain
                 return
             resume_from = restored / CHECKPOINT_NAME
             if not resume_from.exists():  # the trial had ended and its state was dropped (retention.py)
-                if _report_if_finished(_saved(restored / RUNG_RESULT)):  # the rung it was stopped at
+                if publish.if_finished(_saved(restored / RUNG_RESULT)):  # the rung it was stopped at
                     return
                 resume_from = None
         ckpt_dir = scratch / "ckpt"
@@ -114,7 +132,7 @@ def run_trial(suggestion: dict[str, Any], *, base: dict[str, Any], trial_steps: 
                            "status": "completed"}
                     atomic_write_text(ckpt_dir / RESULT_NAME, json.dumps(out))  # a restart re-reports it
                     cache.write(out)  # and so does a re-suggestion of the recipe
-                    tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
+                    publish(out, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
                 return
             reached[0] = metrics["step"]
             last.clear()
@@ -129,7 +147,7 @@ def run_trial(suggestion: dict[str, Any], *, base: dict[str, Any], trial_steps: 
             keep = checkpoint_every > 0 and rung % checkpoint_every == 0
             if keep:
                 atomic_write_text(ckpt_dir / RUNG_RESULT, json.dumps(out))  # what outlives the state
-            tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)) if keep else None)
+            publish(out, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)) if keep else None)
 
         # Every write happens before its `tune.report`: a report blocks until the driver asks for
         # more, and ASHA stops a trial at its last report (step >= max_t), so code after the final
@@ -140,7 +158,7 @@ def run_trial(suggestion: dict[str, Any], *, base: dict[str, Any], trial_steps: 
             final = {**_common(result.summary, config, node, trial_steps, started), METRIC: PENALTY_BPB,
                      "status": "diverged"}
             cache.write(final)
-            tune.report(final)
+            publish(final)
 
 
 class MachineOutOfMemory(RuntimeError):
@@ -170,7 +188,7 @@ def out_of_memory(error: BaseException) -> str | None:
 
 
 def _run_restart(config: TrainConfig, rungs: tuple[int, ...], cache: FinishedCache, node: str,
-                 fidelity: Fidelity) -> None:
+                 fidelity: Fidelity, publish: Reporter) -> None:
     """The `restart` fidelity: at each rung, a fresh run of the whole curriculum compressed to the
     rung's budget; its last evaluation is the rung's value. A checkpoint after each rung records
     how far the trial got, so a restarted trial goes on with the next rung."""
@@ -180,7 +198,7 @@ def _run_restart(config: TrainConfig, rungs: tuple[int, ...], cache: FinishedCac
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             saved = Path(folder)
-            if _report_if_finished(_saved(saved / RESULT_NAME)):
+            if publish.if_finished(_saved(saved / RESULT_NAME)):
                 return
             state = json.loads((saved / RESTART_STATE).read_text())
             done_rungs, spent = state["rungs_done"], state["compute_steps"]
@@ -197,7 +215,7 @@ def _run_restart(config: TrainConfig, rungs: tuple[int, ...], cache: FinishedCac
             if result.status == "diverged":
                 out.update({METRIC: PENALTY_BPB, "status": "diverged"})
                 cache.write(out)
-                tune.report(out)
+                publish(out)
                 return
             done = budget >= rungs[-1]
             out["status"] = "completed" if done else "running"
@@ -205,7 +223,7 @@ def _run_restart(config: TrainConfig, rungs: tuple[int, ...], cache: FinishedCac
             if done:
                 atomic_write_text(ckpt_dir / RESULT_NAME, json.dumps(out))
                 cache.write(out)
-            tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
+            publish(out, checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
 
 
 WORK_PREFIX = "jepatune-trial-"
