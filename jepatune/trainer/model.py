@@ -182,12 +182,14 @@ class GPT(nn.Module):
         if weights is None:
             return self.cross_entropy(h, target_ids)
         zero = h.new_zeros((), dtype=torch.float32)
-        ce = self.cross_entropy(h, target_ids) if stage >= 2 else zero
         if stage == 3:
             jepa = reg = zero
         else:
             jepa = losses.jepa_loss(self.predictor(h[:, :-1]), h[:, 1:])
             reg = self.regularization(h, sigreg_dirs, sigreg_rows)
+        # CE after the other two, as the reference: backward sums the gradients reaching `h` in the
+        # reverse of the order the branches were built, and another order differs in the last bits.
+        ce = self.cross_entropy(h, target_ids) if stage >= 2 else zero
         parts = losses.Losses(jepa, reg, ce)
         return losses.weighted_sum(weights, parts), torch.stack([p.detach() for p in parts])
 

@@ -82,9 +82,9 @@ def test_a_removed_node_s_trial_restarts_from_its_checkpoint_on_the_other_node(t
     removed: dict = {}
 
     def remove_the_worker_node() -> None:
-        """Once the worker node's trial reported its second rung (a trial logs a report before it makes
-        it, and a report returns once the driver has taken it, so the first rung's checkpoint is
-        registered), mid-trial."""
+        """Once the worker node's trial logged its second rung, mid-trial. A trial logs a report before it
+        makes it, and a report returns once the driver has taken it, so the first rung's checkpoint is
+        registered; the second rung's report may or may not have reached the driver."""
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not removed:
             for folder, log in read_report_logs(settings.experiment_path).items():
@@ -113,8 +113,9 @@ def test_a_removed_node_s_trial_restarts_from_its_checkpoint_on_the_other_node(t
     reports = next(t["reports"] for t in read_trials(settings.experiment_path) if t["trial_id"] == trial_id)
     before = [r["step"] for r in reports if r["node"] == gone]
     after = [r["step"] for r in reports if r["node"] != gone]
-    assert before[:2] == [25, 50] and after and after[-1] == steps, (before, after)
-    # Restarted from a checkpoint, not from step 0: the first rung is never reported again.
+    assert before and before[0] == 25 and after and after[-1] == steps, (before, after)
+    # Restarted from a checkpoint (the first rung's, or the second's if its report had reached the
+    # driver), not from step 0: the first rung is never reported again.
     assert min(after) > 25 and [r["step"] for r in reports].count(25) == 1, (before, after)
     print(f"node removed after step {removed['step']}; the trial went on from step {min(after)} on the head node")
 
