@@ -9,7 +9,7 @@ from jepatune.analysis import explore
 from jepatune.analysis.finalists import conclusion
 from jepatune.analysis.tables import load
 from jepatune.experiment.layout import REPORTS_DIR
-from jepatune.experiment.report_log import LOG_SUFFIX
+from jepatune.experiment.report_log import log_owner
 from jepatune.experiment.settings import read_settings
 
 TRIAL_PREFIX = "run_trial_"  # Ray's trial folders of a sweep (the trainable's name)
@@ -30,7 +30,7 @@ def _trial_of(rel: str) -> str | None:
     if head.startswith(TRIAL_PREFIX):
         return head
     if head == REPORTS_DIR and rest:
-        return rest.split("/", 1)[0].removesuffix(".rows").removesuffix(LOG_SUFFIX)
+        return log_owner(rest.split("/", 1)[0])
     return None
 
 

@@ -17,7 +17,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from jepatune.experiment.layout import REPORTS_DIR, parse_jsonl
-from jepatune.experiment.store import Store
+from jepatune.experiment.store import ROWS_SUFFIX, Store
 
 LOG_SUFFIX = ".jsonl"
 SUGGESTION = "suggestion"  # the key of a log's start row (a report's `params` is the model's size)
@@ -37,6 +37,13 @@ class ReportLog:
         self.store.append_row(self.rel, {**report, "trial_id": self.trial_id, "timestamp": time.time()})
 
 
+def log_owner(name: str) -> str | None:
+    """The trial folder whose log `name` (an entry of `reports/`) is: `<trial folder>.jsonl`, or on an
+    object store its folder of rows `<trial folder>.jsonl.rows`."""
+    name = name.removesuffix(ROWS_SUFFIX)
+    return name.removesuffix(LOG_SUFFIX) if name.endswith(LOG_SUFFIX) else None
+
+
 def read_report_logs(experiment: str) -> dict[str, dict[str, Any]]:
     """trial folder name -> {"params": the last suggestion row's, "reports": [...] in write order}, in one
     listing: a local log is one file, a remote one a folder of rows (see `Store.append_row`)."""
@@ -45,9 +52,8 @@ def read_report_logs(experiment: str) -> dict[str, dict[str, Any]]:
     base = PurePosixPath(store.path(REPORTS_DIR))
     for info in store.files(REPORTS_DIR, recursive=True):  # sorted by path: a remote log's rows in write order
         rel = PurePosixPath(info.path).relative_to(base)
-        name = rel.parts[0].removesuffix(".rows")
-        if name.endswith(LOG_SUFFIX):
-            rows[name.removesuffix(LOG_SUFFIX)] += parse_jsonl(store.read_text(f"{REPORTS_DIR}/{rel}") or "")
+        if (trial := log_owner(rel.parts[0])) is not None:
+            rows[trial] += parse_jsonl(store.read_text(f"{REPORTS_DIR}/{rel}") or "")
     logs = {}
     for trial, trial_rows in rows.items():
         params = [r[SUGGESTION] for r in trial_rows if SUGGESTION in r]

@@ -20,6 +20,8 @@ from typing import Any
 from jepatune.atomic import atomic_write_bytes
 from jepatune.experiment.layout import append_jsonl, filesystem, parse_jsonl, read_jsonl
 
+ROWS_SUFFIX = ".rows"  # a remote log `NAME` is the folder `NAME.rows/`, an object per row
+
 
 def is_uri(location: str | os.PathLike) -> bool:
     return "://" in str(location)
@@ -119,13 +121,13 @@ class Store:
         """The rows of a JSON-lines log: the file's lines, then the rows appended remotely, in write order.
         A line or object cut by a crash is skipped."""
         rows = read_jsonl(self.path(rel)) if not self.remote else parse_jsonl(self.read_text(rel) or "")
-        for name in self.names(f"{rel}.rows", ".json"):
-            rows += parse_jsonl(self.read_text(f"{rel}.rows/{name}") or "")
+        for name in self.names(f"{rel}{ROWS_SUFFIX}", ".json"):
+            rows += parse_jsonl(self.read_text(f"{rel}{ROWS_SUFFIX}/{name}") or "")
         return rows
 
     def newest_mtime_ns(self, rel: str) -> int | None:
         """The newest modification of a log: its file, or a row appended remotely."""
-        times = (self.mtime_ns(rel), self.newest_in(f"{rel}.rows"))
+        times = (self.mtime_ns(rel), self.newest_in(f"{rel}{ROWS_SUFFIX}"))
         return max((t for t in times if t is not None), default=None)
 
     # --- writing -----------------------------------------------------------------------------
@@ -149,7 +151,7 @@ class Store:
             Path(self.path(rel)).parent.mkdir(parents=True, exist_ok=True)
             append_jsonl(self.path(rel), row)
             return
-        self.write_text(f"{rel}.rows/{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json", json.dumps(row))
+        self.write_text(f"{rel}{ROWS_SUFFIX}/{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json", json.dumps(row))
 
     def put_dir(self, local: str | os.PathLike, rel: str) -> None:
         """Copy the local folder `local` to `rel`, replacing what was there."""

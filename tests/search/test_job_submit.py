@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 import shlex
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from clusters import free_port
 from processes import kill_processes_mentioning, set_args
 
 from jepatune.analysis.tables import load_tables
@@ -22,12 +22,6 @@ from jepatune.analysis.tables import load_tables
 REPO = Path(__file__).resolve().parents[2]
 AGENT_PORTS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
                "metrics-export-port", "ray-client-server-port")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
