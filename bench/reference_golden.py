@@ -14,7 +14,12 @@ artifact. What lets a CUDA-only script run here, and nothing else changes in it:
   one second, so with MAX_WALLCLOCK_SECONDS = ITERATIONS its time-based curriculum, warm-down, SWA
   start and stop are exactly the step-based ones of jepatune with `iterations` = ITERATIONS.
 
-    python bench/reference_golden.py                     # writes tests/data/reference_golden.json
+    python bench/reference_golden.py                     # adds this CPU's runs to tests/data/reference_golden.json
+
+The floats are those of the machine's kind of CPU (`jepatune.trainer.runtime.cpu_kind`): the same
+run on an AMD EPYC and on an Intel Xeon with AVX-512 and AMX differs from the first step that sums
+CE gradients (fp32) or from step 1 (bf16). The file keeps one entry per kind; running the script
+on a new kind adds its entry.
 """
 
 from __future__ import annotations
@@ -118,6 +123,7 @@ def run_reference(data: Path, bf16: bool) -> dict:
 
 def main() -> int:
     from jepatune.corpora import build_demo
+    from jepatune.trainer.runtime import cpu_kind, same_cpu_kind
 
     if not SEED.is_file():
         raise SystemExit(f"{SEED}: the reference script is not there")
@@ -125,12 +131,18 @@ def main() -> int:
         data = Path(tmp) / "data"
         build_demo(data, **CORPUS)
         runs = {"fp32": run_reference(data, bf16=False), "bf16": run_reference(data, bf16=True)}
+    here = cpu_kind()
+    # One entry per kind of CPU: the floats are this machine's, other kinds' entries are kept.
+    kept = json.loads(OUT.read_text()).get("cpus", []) if OUT.is_file() else []
+    kept = [e for e in kept if not same_cpu_kind(e["cpu"], here)]
     golden = {"how": "python bench/reference_golden.py: the ByteJEPA reference's main() on CPU at this shape, "
-                     "with its clock fixed to one second per optimiser step (see the script)",
+                     "with its clock fixed to one second per optimiser step (see the script), once on each "
+                     "kind of CPU listed",
               "torch": torch.__version__, "reference_env": SHAPE, "jepatune_knobs": KNOBS, "corpus": CORPUS,
-              "runs": runs}
+              "cpus": [*kept, {"cpu": here, "runs": runs}]}
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(golden, indent=1) + "\n")
+    print(f"on {here['model']} ({here['capability']}; {here['flags']}), beside {len(kept)} other kinds of CPU:")
     for name, r in runs.items():
         print(f"{name}: {len(r['train_loss'])} steps, loss {r['train_loss'][0]:.6f} -> {r['train_loss'][-1]:.6f}, "
               f"val_bpb {r['val_bpb']:.8f}, artifact {r['artifact_sha256'][:16]}, {r['swa_started']}")

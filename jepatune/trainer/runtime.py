@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import resource
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -130,3 +132,30 @@ def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# The instruction sets whose presence changes which float kernels run (vector widths, FMA, bf16 units).
+KERNEL_FLAGS = ("fma", "avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_kind() -> dict[str, str]:
+    """The kind of CPU a run's floats come from: its vendor and model, the vector instructions
+    PyTorch's kernels dispatch to and those of KERNEL_FLAGS it has. The same run on two kinds can
+    differ in the last bits of a sum (other vector widths, other matmul kernels), and a few hundred
+    optimiser steps grow that into a different curve, so a result that must be reproduced to the bit
+    says which kind made it."""
+    info = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    flags = set(info.get("flags", "").split())
+    return {"vendor": info.get("vendor_id", platform.machine()), "model": info.get("model name", platform.processor()),
+            "capability": torch.backends.cpu.get_cpu_capability(),
+            "flags": " ".join(f for f in KERNEL_FLAGS if f in flags)}
+
+
+def same_cpu_kind(recorded: dict[str, str], here: dict[str, str]) -> bool:
+    """Whether floats recorded on the CPU kind `recorded` should come out to the bit here: every field
+    it holds but the model name (which VMs often blur) is equal; a field it lacks was not recorded."""
+    return all(here.get(k) == v for k, v in recorded.items() if k != "model")
