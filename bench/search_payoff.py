@@ -3,8 +3,9 @@
 For each strategy (sampler x scheduler settings), `--repetitions` simulated sweeps of up to
 `--compute` trial budgets each (`jepatune.benchmark.simulate`): the anytime curve (the true score of
 each sweep's answer against the compute spent, mean regret with a 95% interval), the compute to
-come within the noise floor of the benchmark's best recipe; then the fidelities on the transfer
-subset (the recipes that have probe and restart values, one seed), the rank transfer from the trial
+come within the noise floor of the benchmark's best recipe; then the fidelities on the recipes and
+seeds that have values in all three (every one from format 2 on; the transfer subset with one seed
+in format 1), the rank transfer from the trial
 budget to the longer one, and the finalists a retrain needs.
 
     python bench/search_payoff.py                              # the full comparison
@@ -34,6 +35,7 @@ from jepatune.benchmark.simulate import simulate  # noqa: E402
 from jepatune.benchmark.strategy import Strategy  # noqa: E402
 from jepatune.benchmark.surrogate import Surrogate  # noqa: E402
 from jepatune.benchmark.tables import load_benchmark  # noqa: E402
+from jepatune.experiment.fidelity import default_grace  # noqa: E402
 
 POINTS = (16, 32, 64, 128, 256)
 
@@ -142,15 +144,16 @@ def main(argv: list[str] | None = None) -> int:
                                                          for k, v in matched.items() if k != base))
     out["match_random"] = {"target": float(target), "compute": matched}
     if len(bench.transfer_scores()):
-        subset = bench.transfer_scores().index.tolist()
+        subset, seeds = bench.fidelity_recipes()
+        grace = default_grace(bench.budget)
         fid = []
         for fidelity in ("snapshot", "probe", "restart"):
-            sub = Surrogate(bench, fidelity, recipes=subset, seeds=[0])
-            st = Strategy(fidelity=fidelity, grace_steps=min(bench.fidelity_rungs))
+            sub = Surrogate(bench, fidelity, recipes=subset, seeds=seeds)
+            st = Strategy(fidelity=fidelity, grace_steps=grace)
             f = simulate(sub, [st], repetitions=args.repetitions, compute_trials=min(args.compute, 64))
             fid.append(answers.strategy_table(f, floor))
-        print(f"\nfidelities on the {len(subset)} recipes of the transfer subset (seed 0), first rung "
-              f"{min(bench.fidelity_rungs)}, rf 2, up to 64 budgets:\n")
+        print(f"\nfidelities on the {len(subset)} recipes with all three (seeds {seeds}), first rung "
+              f"{grace}, rf 2, up to 64 budgets:\n")
         fid_table = pd.concat(fid)
         print(markdown_table(fid_table[["strategy", "trials", "regret", "within_floor", "to_floor", "never"]]))
         t = answers.rank_transfer(bench)

@@ -159,13 +159,20 @@ def _add_record_options(b: argparse.ArgumentParser) -> None:
                         ("transfer_recipes", "recipes also trained at the longer budget"),
                         ("transfer_factor", "the longer budget, in trial budgets"),
                         ("transfer_seeds", "seeds of each longer run"),
-                        ("fidelity_seeds", "seeds of the transfer subset's probe and restart runs"),
-                        ("probe_steps", "cool-down steps of the probe fidelity"),
+                        ("fidelity_seeds", "seeds of every recipe's restart runs"),
+                        ("probe_steps", "cool-down steps of the probe fidelity, branched off at every rung (0: none)"),
                         ("seed", "the design's seed"), ("workers", "training processes, one torch thread each")):
         b.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name), help=f"{help_} "
                        f"({getattr(d, name)})")
     b.add_argument("--factors", type=_int_tuple, default=d.factors, help="ASHA reduction factors whose rungs are "
                    "recorded (2,3)")
+    b.add_argument("--fidelity-rungs", type=_int_tuple, default=d.fidelity_rungs, help="the rungs each recipe is also "
+                   "trained to from scratch (the restart fidelity; default every recorded rung)")
+    b.add_argument("--ray", action="store_true", help="train each run as a Ray task, on the cluster RAY_ADDRESS "
+                   "names or a local Ray (default: --workers local processes)")
+    for name, default in (("cpus_per_run", d.cpus_per_run), ("gpus_per_run", d.gpus_per_run)):
+        b.add_argument(f"--{name.replace('_', '-')}", type=float, default=default,
+                       help=f"with --ray: {name.split('_')[0].upper()}s each run's task holds ({default:g})")
     b.add_argument("--resume", action="store_true", help="finish a recording that stopped: trains only what is missing")
 
 
@@ -181,10 +188,17 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         overrides=parse_set_args(args.overrides), recipes=args.recipes, seeds=args.seeds,
         trial_steps=args.trial_steps, factors=args.factors, transfer_recipes=args.transfer_recipes,
         transfer_factor=args.transfer_factor, transfer_seeds=args.transfer_seeds,
-        fidelity_seeds=args.fidelity_seeds, probe_steps=args.probe_steps,
-        seed=args.seed, workers=args.workers)
+        fidelity_seeds=args.fidelity_seeds, probe_steps=args.probe_steps, fidelity_rungs=args.fidelity_rungs,
+        seed=args.seed, workers=args.workers, ray=args.ray, cpus_per_run=args.cpus_per_run,
+        gpus_per_run=args.gpus_per_run)
+    runner = None
+    if args.ray:
+        from jepatune.search.record_on_ray import ray_runner
+
+        settings.check()  # before Ray starts
+        runner = ray_runner(settings.cpus_per_run, settings.gpus_per_run)
     t0 = time.perf_counter()
-    folder = record_benchmark(settings, resume=args.resume)
+    folder = record_benchmark(settings, resume=args.resume, runner=runner)
     print(f"benchmark in {folder} ({time.perf_counter() - t0:.0f}s): {load_benchmark(folder).describe()}")
     return 0
 

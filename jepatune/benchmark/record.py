@@ -6,20 +6,26 @@ The plan, for a space, a base recipe (a model preset, knobs, data) and a trial b
    parameters the reference's) when the space has those parameters, then a Latin hypercube over
    the space's unit cube (`Dim.from_unit`), so that every parameter's range is covered evenly.
    Infeasible points are dropped.
-2. `main` runs: every recipe with every seed (the base's seed + k, as an ablation pairs seeds), built
-   exactly as a sweep builds a trial (`experiment.trials.trial_config`: the budget B, evaluations at
-   every rung of the recorded ladders), scored as a trial is scored (the shipped weights, after the
-   int8+zlib round trip, on the val prefix). Each rung's value is the `snapshot` fidelity.
+2. Recipe after recipe, for every seed (the base's seed + k, as an ablation pairs seeds):
+   - its `main` run, built exactly as a sweep builds a trial (`experiment.trials.trial_config`: the
+     budget B, evaluations at every rung of the recorded ladders), scored as a trial is scored (the
+     shipped weights, after the int8+zlib round trip, on the val prefix). Each rung's value is the
+     `snapshot` fidelity; a k-step cool-down branched off at each rung and undone gives the `probe`
+     fidelity in the same run (undone to the bit: the running model, the data it reads and the
+     score are those of a run without probes);
+   - its `restart` runs, for the first `fidelity_seeds` seeds: one run per rung r with
+     `iterations=r`, the third fidelity.
 3. Once the main runs are in, a transfer subset (the reference, CE from 0, the best recipes by their
    mean score and others spread over the ranks) is trained at `transfer_factor` x B (`transfer`: the
    final budget, scored as a trial is; on the full val split each score would cost more than the
-   training at the demo's shape), and, with `fidelity_seeds` seeds, with probes and restarts
-   (`probe`: the main run again with k-step cool-downs at the rungs; `restart`: one run per rung r
-   with `iterations=r`), so the other two fidelities have their values.
+   training at the demo's shape).
 
-Every finished run is one line of OUT/records.jsonl, appended as it lands: a crash loses only the
-runs in flight, and `--resume` trains only what is missing. When every run is in, the Parquet
-tables and benchmark.json are written (`jepatune.benchmark.tables` reads them).
+Runs go to a local process pool (one torch thread each), or with `ray` to Ray tasks: the runner is
+passed in (`jepatune.search.record_on_ray` is the Ray one), so this layer does not import Ray. Every
+finished run is one line of OUT/records.jsonl, appended as it lands, with the kind of CPU it ran on
+(its floats are that CPU's: `trainer.runtime.cpu_kind`): a crash loses only the runs in flight, and
+`--resume` trains only what is missing. When every run is in, the Parquet tables and benchmark.json
+are written (`jepatune.benchmark.tables` reads them).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
 from multiprocessing import get_context
@@ -49,8 +55,12 @@ from jepatune.experiment.settings import base_config
 from jepatune.experiment.trials import PENALTY_BPB, trial_config
 from jepatune.spaces import INFEASIBLE_KEY, Space, get_space
 from jepatune.trainer.config import TrainConfig
+from jepatune.trainer.runtime import cpu_kind, same_cpu_kind
 
 Record = dict[str, Any]
+Runner = Callable[[list[Record]], Iterator[Record]]  # jobs -> their records, in the order they finish
+RUNNER_SETTINGS = ("workers", "ray", "cpus_per_run", "gpus_per_run")  # this command's, not the recording's
+FORMAT = 2  # 1: probes in runs of their own, probes and restarts for the transfer subset only
 
 
 # --- the design -------------------------------------------------------------------------------------
@@ -96,21 +106,19 @@ def job_key(job: Record) -> str:
 
 
 def main_jobs(s: RecordSettings, base: TrainConfig, recipes: list[Record]) -> list[Record]:
-    """Recipe after recipe, every seed: a benchmark cut short still holds whole recipes."""
-    return [_job(s, base, r, "main", k, s.trial_steps, s.rungs(), 0) for r in recipes for k in range(s.seeds)]
-
-
-def followup_jobs(s: RecordSettings, base: TrainConfig, recipes: list[Record], subset: list[int]) -> list[Record]:
-    fid = s.default_rungs()
+    """Recipe after recipe, every seed's main run then its restarts: a benchmark cut short still holds
+    whole recipes."""
     jobs = []
-    for i in subset:
-        r = recipes[i]
-        for k in range(s.transfer_seeds):
-            jobs.append(_job(s, base, r, "transfer", k, s.trial_steps * s.transfer_factor, (), 0))
-        for k in range(s.fidelity_seeds):
-            jobs.append(_job(s, base, r, "probe", k, s.trial_steps, fid, s.probe_steps))
-            jobs += [_job(s, base, r, "restart", k, rung, (), 0) for rung in fid]
+    for r in recipes:
+        jobs += [_job(s, base, r, "main", k, s.trial_steps, s.rungs(), s.probe_steps) for k in range(s.seeds)]
+        jobs += [_job(s, base, r, "restart", k, rung, (), 0) for k in range(s.fidelity_seeds)
+                 for rung in s.restart_rungs()]
     return jobs
+
+
+def transfer_jobs(s: RecordSettings, base: TrainConfig, recipes: list[Record], subset: list[int]) -> list[Record]:
+    return [_job(s, base, recipes[i], "transfer", k, s.trial_steps * s.transfer_factor, (), 0)
+            for i in subset for k in range(s.transfer_seeds)]
 
 
 def _job(s: RecordSettings, base: TrainConfig, recipe: Record, kind: str, k: int, iterations: int,
@@ -138,7 +146,9 @@ def transfer_subset(recipes: list[Record], main: pd.DataFrame, n: int) -> list[i
 
 
 def run_job(job: Record) -> Record:
-    """Train one run (in a worker process, on one torch thread) and return its record."""
+    """Train one run and return its record."""
+    import torch
+
     from jepatune.trainer.loop import train
 
     t0 = time.perf_counter()
@@ -150,11 +160,13 @@ def run_job(job: Record) -> Record:
     rec = {"record": "run", **{k: job[k] for k in ("kind", "recipe", "seed", "iterations")},
            "status": result.status, "score": result.summary["val_bpb"] if done else PENALTY_BPB,
            "compute_steps": result.summary.get("compute_steps", result.step), "points": points,
-           "seconds": round(time.perf_counter() - t0, 2)}
+           "seconds": round(time.perf_counter() - t0, 2), "cpu": cpu_kind()}
+    if config.device != "cpu" and torch.cuda.is_available():  # trained there ("auto" or "cuda")
+        rec["gpu"] = torch.cuda.get_device_name()  # on a GPU its kernels round too
     return rec
 
 
-def _one_thread() -> None:
+def one_thread() -> None:
     import torch
 
     torch.set_num_threads(1)
@@ -164,31 +176,54 @@ def machine() -> Record:
     import torch
 
     return {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "load": [round(x, 2) for x in os.getloadavg()]}
+            "torch": torch.__version__, "load": [round(x, 2) for x in os.getloadavg()], "cpu": cpu_kind()}
 
 
-def run_jobs(jobs: list[Record], records_path: Path, workers: int, log: Callable[[str], None]) -> list[Record]:
+def process_pool(workers: int) -> Runner:
+    """Runs in `workers` local processes of one torch thread each (two threads on a small shared
+    machine are slower and far less steady than two processes of one)."""
+    def run(jobs: list[Record]) -> Iterator[Record]:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=one_thread) as pool:
+            for future in as_completed([pool.submit(run_job, j) for j in jobs]):
+                yield future.result()
+    return run
+
+
+def run_jobs(jobs: list[Record], records_path: Path, runner: Runner, log: Callable[[str], None]) -> list[Record]:
     if not jobs:
         return []
     t0, out = time.perf_counter(), []
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_one_thread) as pool:
-        futures = [pool.submit(run_job, j) for j in jobs]
-        for done, future in enumerate(as_completed(futures), 1):
-            rec = future.result()
-            with open(records_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
-            out.append(rec)
-            elapsed = time.perf_counter() - t0
-            log(f"[{done}/{len(jobs)}] {rec['kind']} recipe {rec['recipe']} seed {rec['seed']} "
-                f"{rec['iterations']} steps: {rec['score']:.4f} ({rec['seconds']:.0f}s; "
-                f"{elapsed / done * (len(jobs) - done) / 60:.0f} min left)")
+    for done, rec in enumerate(runner(jobs), 1):
+        with open(records_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+        out.append(rec)
+        elapsed = time.perf_counter() - t0
+        log(f"[{done}/{len(jobs)}] {rec['kind']} recipe {rec['recipe']} seed {rec['seed']} "
+            f"{rec['iterations']} steps: {rec['score']:.4f} ({rec['seconds']:.0f}s; "
+            f"{elapsed / done * (len(jobs) - done) / 60:.0f} min left)")
     return out
+
+
+def cpu_kinds(records: Iterable[Record]) -> list[Record]:
+    """The kinds of CPU the runs ran on, with how many runs each (a record without one: unknown)."""
+    kinds: list[Record] = []
+    for r in records:
+        if r.get("record") != "run":
+            continue
+        cpu = r.get("cpu") or {}
+        entry = next((k for k in kinds if k["cpu"] == cpu), None)
+        if entry is None:
+            kinds.append(entry := {"cpu": cpu, "runs": 0})
+        entry["runs"] += 1
+    return kinds
 
 
 # --- the whole recording ----------------------------------------------------------------------------
 
-def record_benchmark(s: RecordSettings, *, resume: bool = False, log: Callable[[str], None] = print) -> Path:
-    """Record (or, with `resume`, finish recording) the benchmark in `s.out`; returns the folder."""
+def record_benchmark(s: RecordSettings, *, resume: bool = False, log: Callable[[str], None] = print,
+                     runner: Runner | None = None) -> Path:
+    """Record (or, with `resume`, finish recording) the benchmark in `s.out`; returns the folder.
+    `runner` trains the runs (default: a local process pool of `s.workers`)."""
     from jepatune.corpora import build_demo
 
     s.check()
@@ -199,39 +234,56 @@ def record_benchmark(s: RecordSettings, *, resume: bool = False, log: Callable[[
                             f"another --out")
     if resume and not records_path.exists():
         raise JepatuneError(f"--resume: {out} holds no recording ({RECORDS_NAME}); start one without --resume")
+    where = "Ray tasks" if runner is not None else f"{s.workers} processes"
+    runner = runner or process_pool(s.workers)
+    if resume:
+        records = read_records(records_path)
+        meta = records[0]
+        if meta.get("format", 1) != FORMAT:
+            raise JepatuneError(f"{records_path}: recorded in format {meta.get('format', 1)} (probes in runs of their "
+                                f"own, for the transfer subset only); it can be read and simulated but not resumed "
+                                f"by this version: record it anew into another --out")
+        # A line cut by a crash is dropped from the file too, before new runs are appended after it.
+        atomic_write_text(records_path, "".join(json.dumps(r) + "\n" for r in records))
+        s = RecordSettings(**{**meta["settings"], **{k: getattr(s, k) for k in RUNNER_SETTINGS}})
+        recipes = meta["recipes"]
+        here = cpu_kind()
+        others = [k["cpu"] for k in cpu_kinds(records) if not same_cpu_kind(k["cpu"], here)]
+        if others and where != "Ray tasks":
+            log(f"warning: runs of this recording ran on {others}, this machine is {here}: its runs will differ from "
+                f"theirs as two seeds do (last-bit float differences grow over the steps); the tables list each "
+                f"run's kind of CPU")
     if not any(Path(s.data).glob("*_val_*.bin")):  # no shards given: the demo corpus, as `jepatune demo` builds it
         build_demo(s.data)
     base = base_config(s)
-    space = get_space(s.space, base=base)
-    if resume:
-        records = read_records(records_path)
-        # A line cut by a crash is dropped from the file too, before new runs are appended after it.
-        atomic_write_text(records_path, "".join(json.dumps(r) + "\n" for r in records))
-        meta = records[0]
-        s = RecordSettings(**{**meta["settings"], "workers": s.workers})
-        recipes = meta["recipes"]
-    else:
-        recipes = design(space, s.recipes, s.seed)
-        meta = {"record": "meta", "settings": _jsonable(asdict(s)), "recipes": recipes, "base": base.to_dict(),
-                "rungs": list(s.rungs()), "fidelity_rungs": list(s.default_rungs()), "command": " ".join(sys.argv),
-                "machine": machine(), "started": _now()}
+    if not resume:
+        recipes = design(get_space(s.space, base=base), s.recipes, s.seed)
+        meta = {"record": "meta", "format": FORMAT, "settings": _jsonable(asdict(s)), "recipes": recipes,
+                "base": base.to_dict(), "rungs": list(s.rungs()), "fidelity_rungs": list(s.restart_rungs()),
+                "command": " ".join(sys.argv), "machine": machine(), "started": _now()}
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(records_path, json.dumps(meta) + "\n")
         records = [meta]
     done = {job_key(r) for r in records[1:] if r.get("record") == "run"}
     t0 = time.perf_counter()
     log(f"recording {len(recipes)} recipes of the {s.space!r} space x {s.seeds} seeds, {s.trial_steps} steps, rungs "
-        f"{list(s.rungs())}, on {s.workers} processes; {len(done)} runs already in")
+        f"{list(s.rungs())}" + (f" with {s.probe_steps}-step probes" if s.probe_steps else "")
+        + f", restarts at {list(s.restart_rungs())} for {s.fidelity_seeds} seeds, on {where}; {len(done)} runs "
+        f"already in")
     main = [j for j in main_jobs(s, base, recipes) if job_key(j) not in done]
-    records += run_jobs(main, records_path, s.workers, log)
+    records += run_jobs(main, records_path, runner, log)
     runs = runs_frame(records)
     subset = transfer_subset(recipes, runs[runs["kind"] == "main"], s.transfer_recipes)
-    later = [j for j in followup_jobs(s, base, recipes, subset) if job_key(j) not in done]
-    log(f"transfer subset: {len(subset)} recipes at {s.transfer_factor}x ({s.trial_steps * s.transfer_factor} steps), "
-        f"with probes and restarts at {list(s.default_rungs())}: {len(later)} runs")
-    records += run_jobs(later, records_path, s.workers, log)
+    later = [j for j in transfer_jobs(s, base, recipes, subset) if job_key(j) not in done]
+    log(f"transfer subset: {len(subset)} recipes at {s.transfer_factor}x ({s.trial_steps * s.transfer_factor} steps): "
+        f"{len(later)} runs")
+    records += run_jobs(later, records_path, runner, log)
+    kinds = cpu_kinds(records)
+    if len(kinds) > 1:
+        log(f"warning: the runs ran on {len(kinds)} kinds of CPU ({', '.join(str(k['cpu']) for k in kinds)}); "
+            f"benchmark.json lists them")
     write_tables(out, records, {"finished": _now(), "wall_s": round(time.perf_counter() - t0, 1),
-                                "machine_end": machine(), "transfer_subset": subset})
+                                "machine_end": machine(), "transfer_subset": subset, "cpus": kinds})
     return out
 
 

@@ -28,11 +28,14 @@ class RecordSettings:
     transfer_recipes: int = 30
     transfer_factor: int = 4
     transfer_seeds: int = 2
-    fidelity_seeds: int = 1
-    probe_steps: int = 15  # half the default first rung (B/4), as a probe sweep's default
-    fidelity_rungs: tuple[int, ...] = ()  # the probe and restart rungs; () = the default ladder's
+    fidelity_seeds: int = 2  # seeds of every recipe's restart runs (the first ones of `seeds`)
+    probe_steps: int = 15  # half the default first rung (B/4), as a probe sweep's default; 0: no probes
+    fidelity_rungs: tuple[int, ...] = ()  # the restart rungs; () = every recorded rung
     seed: int = 0  # the design's seed
-    workers: int = 2
+    workers: int = 2  # training processes on this machine (without `ray`)
+    ray: bool = False  # each run a Ray task: on the cluster RAY_ADDRESS names, else on a local Ray
+    cpus_per_run: float = 1.0
+    gpus_per_run: float = 0.0
 
     def grace_steps(self) -> tuple[int, ...]:
         b = self.trial_steps
@@ -43,15 +46,25 @@ class RecordSettings:
         return tuple(sorted({r for g in self.grace_steps() for f in self.factors
                              for r in rung_steps(self.trial_steps, g, f)[:-1]}))
 
-    def default_rungs(self) -> tuple[int, ...]:
-        """The probe and restart rungs: the sweep's default ladder unless given."""
-        return self.fidelity_rungs or rung_steps(self.trial_steps, default_grace(self.trial_steps), 2)[:-1]
+    def restart_rungs(self) -> tuple[int, ...]:
+        """The rungs each recipe is also trained to from scratch (`restart`): every recorded rung unless
+        given. Probes need no runs of their own: a main run branches one off at every rung."""
+        return self.fidelity_rungs or self.rungs()
 
     def check(self) -> None:
         for key, low in (("recipes", 2), ("seeds", 1), ("trial_steps", 2), ("transfer_factor", 1),
-                         ("transfer_seeds", 1), ("fidelity_seeds", 0), ("workers", 1), ("probe_steps", 1)):
+                         ("transfer_seeds", 1), ("fidelity_seeds", 0), ("workers", 1), ("probe_steps", 0)):
             if getattr(self, key) < low:
                 raise JepatuneError(f"--{key.replace('_', '-')}={getattr(self, key)}: must be at least {low}")
+        if self.fidelity_seeds > self.seeds:
+            raise JepatuneError(f"--fidelity-seeds={self.fidelity_seeds}: at most --seeds={self.seeds} (the restarts "
+                                f"use the main runs' seeds)")
+        if not set(self.fidelity_rungs) <= set(self.rungs()):
+            raise JepatuneError(f"--fidelity-rungs {list(self.fidelity_rungs)}: restarts are recorded at rungs the "
+                                f"main runs evaluate, {list(self.rungs())}")
+        if self.cpus_per_run <= 0 or self.gpus_per_run < 0:
+            raise JepatuneError(f"--cpus-per-run={self.cpus_per_run} --gpus-per-run={self.gpus_per_run}: a run needs "
+                                f"more than 0 CPUs and at least 0 GPUs")
         if not 0 <= self.transfer_recipes <= self.recipes:
             raise JepatuneError(f"--transfer-recipes={self.transfer_recipes}: must be in [0, --recipes]")
         if any(f < 2 for f in self.factors):

@@ -3,11 +3,12 @@
     benchmark.json     how it was produced: settings, base recipe, rungs, machine, command, dates
     recipes.parquet    one row a recipe: recipe, origin (reference, ce-from-0, design), the space's
                        parameters, and the knobs they set (columns `knob:NAME`)
-    runs.parquet       one row a run: kind (main, transfer, probe, restart), recipe, seed, iterations,
-                       status, score (the shipped weights' BPB on the val prefix, as a trial
-                       scores), compute_steps
+    runs.parquet       one row a run: kind (main, restart, transfer; probe in format 1), recipe, seed,
+                       iterations, status, score (the shipped weights' BPB on the val prefix, as a
+                       trial scores), compute_steps (probe branches included)
     curves.parquet     one row an evaluation of a run: kind, recipe, seed, iterations, step,
-                       snapshot_bpb (the running model), probe_bpb (after the cool-down; probe runs)
+                       snapshot_bpb (the running model), probe_bpb (after the cool-down branched off
+                       there; main runs, probe runs in format 1)
     records.jsonl      the raw records, one line a finished run (kept: `--resume` reads it)
 """
 
@@ -91,10 +92,10 @@ class Benchmark:
             c = self.curves[self.curves["kind"] == "main"]
             frame = c.pivot_table(index=["recipe", "seed"], columns="step", values="snapshot_bpb", aggfunc="first")
             frame = frame.reindex(columns=list(self.rungs))
-        elif fidelity == "probe":
-            c = self.curves[self.curves["kind"] == "probe"]
+        elif fidelity == "probe":  # main runs branch probes off (format 1: runs of their own)
+            c = self.curves[self.curves["kind"].isin(["main", "probe"]) & self.curves["probe_bpb"].notna()]
             frame = c.pivot_table(index=["recipe", "seed"], columns="step", values="probe_bpb", aggfunc="first")
-            frame = frame.reindex(columns=self.fidelity_rungs)
+            frame = frame.reindex(columns=sorted(frame.columns))
         elif fidelity == "restart":
             r = self.runs[self.runs["kind"] == "restart"]
             frame = r.pivot_table(index=["recipe", "seed"], columns="iterations", values="score", aggfunc="first")
@@ -102,13 +103,21 @@ class Benchmark:
         else:
             raise JepatuneError(f"fidelity {fidelity!r}: the benchmark records snapshot, probe and restart")
         if frame.empty:
-            raise JepatuneError(f"the benchmark has no {fidelity} values; record it with a transfer subset")
+            raise JepatuneError(f"the benchmark has no {fidelity} values; record it with --probe-steps above 0 and "
+                                f"--fidelity-seeds above 0")
         frame.columns = [int(c) for c in frame.columns]
         return frame.astype(float).fillna(PENALTY_BPB)
 
     @property
     def fidelity_rungs(self) -> list[int]:
+        """The restart rungs (format 1: the probe rungs too)."""
         return [int(r) for r in self.info["fidelity_rungs"]]
+
+    def fidelity_recipes(self) -> tuple[list[int], list[int]]:
+        """(recipes, seeds) that have values in all three fidelities (format 1: the transfer subset, seed 0)."""
+        have = [set(self.rung_values(f).index) for f in ("snapshot", "probe", "restart")]
+        both = sorted(set.intersection(*have))
+        return sorted({r for r, _ in both}), sorted({k for _, k in both})
 
     @property
     def probe_steps(self) -> int:

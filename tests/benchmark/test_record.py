@@ -7,17 +7,22 @@ import json
 import pytest
 from conftest import tiny_sets
 
+from jepatune.benchmark.settings import RecordSettings
 from jepatune.benchmark.tables import RECORDS_NAME, load_benchmark, read_records
 from jepatune.cli import main
+from jepatune.errors import JepatuneError
+from jepatune.trainer.runtime import cpu_kind
 
 RECORD = ["--recipes", "3", "--seeds", "2", "--trial-steps", "8", "--transfer-recipes", "2", "--transfer-factor", "2",
-          "--transfer-seeds", "1", "--probe-steps", "1", "--workers", "2", "--preset", "none"]
+          "--transfer-seeds", "1", "--probe-steps", "1", "--fidelity-seeds", "1", "--fidelity-rungs", "2,4",
+          "--preset", "none"]
 
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory, demo_data):
     out = tmp_path_factory.mktemp("bench") / "b"
-    assert main(["benchmark", "record", "--out", str(out), "--data", str(demo_data), *RECORD, *tiny_sets()]) == 0
+    assert main(["benchmark", "record", "--out", str(out), "--data", str(demo_data), *RECORD, "--workers", "2",
+                 *tiny_sets()]) == 0
     return out
 
 
@@ -27,18 +32,31 @@ def test_the_tables_hold_every_run_and_rung(recorded):
     ce0 = b.recipes.set_index("origin").loc["ce-from-0"]
     assert ce0["knob:jepa_pure_frac"] == 0 and ce0["knob:ce_pure_frac"] == 0
     kinds = b.runs["kind"].value_counts().to_dict()
-    # rungs of B/8 = 1 and B/4 = 2 with factors 2 and 3 below 8: 1, 2, 3, 4, 6; probes and restarts at 2, 4
+    # rungs of B/8 = 1 and B/4 = 2 with factors 2 and 3 below 8: 1, 2, 3, 4, 6; restarts at 2, 4 (seed 0)
     assert b.rungs == (1, 2, 3, 4, 6) and b.fidelity_rungs == [2, 4]
-    assert kinds == {"main": 6, "transfer": 2, "probe": 2, "restart": 4}
+    assert kinds == {"main": 6, "restart": 6, "transfer": 2}
     assert (b.runs.loc[b.runs["kind"] == "transfer", "iterations"] == 16).all()
     snap = b.rung_values("snapshot")
     assert snap.shape == (6, 5) and snap.notna().all().all()
-    assert b.rung_values("probe").shape == (2, 2) and b.rung_values("restart").shape == (2, 2)
-    # a probe run's compute counts its branches: 8 steps + 2 probes of 1 step
-    assert (b.runs.loc[b.runs["kind"] == "probe", "compute_steps"] == 10).all()
+    # every main run branched a probe off at every rung; restarts for every recipe
+    assert b.rung_values("probe").shape == (6, 5) and b.rung_values("restart").shape == (3, 2)
+    assert b.fidelity_recipes() == ([0, 1, 2], [0])
+    # a main run's compute counts its branches: 8 steps + 5 probes of 1 step
+    assert (b.runs.loc[b.runs["kind"] == "main", "compute_steps"] == 13).all()
     assert b.transfer_scores().shape == (2, 1) and b.main_scores().shape == (3, 2)
     info = json.loads((recorded / "benchmark.json").read_text())
-    assert info["runs"] == 14 and info["settings"]["recipes"] == 3 and "machine" in info
+    assert info["runs"] == 14 and info["settings"]["recipes"] == 3 and info["format"] == 2
+    # every run says which kind of CPU its floats came from
+    assert info["cpus"] == [{"cpu": cpu_kind(), "runs": 14}] and info["machine"]["cpu"] == cpu_kind()
+
+
+def test_default_restarts_are_at_every_recorded_rung():
+    s = RecordSettings(out="", data="", trial_steps=8)
+    assert s.restart_rungs() == s.rungs() == (1, 2, 3, 4, 6)
+    with pytest.raises(JepatuneError, match="restarts are recorded at rungs the main runs evaluate"):
+        RecordSettings(out="", data="", trial_steps=8, fidelity_rungs=(5,)).check()
+    with pytest.raises(JepatuneError, match="at most --seeds=1"):
+        RecordSettings(out="", data="", seeds=1, fidelity_seeds=2).check()
 
 
 def test_a_main_run_scores_as_a_sweep_trial_does(recorded, demo_data):
@@ -50,11 +68,13 @@ def test_a_main_run_scores_as_a_sweep_trial_does(recorded, demo_data):
     knobs = read_records(recorded / RECORDS_NAME)[0]["recipes"][2]["knobs"]
     config = trial_config(base, knobs, 8, b.rungs).replace(seed=base["seed"] + 1)
     result = train(config, final_score=False)
+    # The recorded run branched probes off at every rung; the trial has none: both are equal to the bit,
+    # since a probe is undone entirely (weights, optimiser, data position).
     run = b.runs.query("kind == 'main' and recipe == 2 and seed == 1").iloc[0]
-    assert run["score"] == pytest.approx(result.summary["val_bpb"], rel=1e-6)
+    assert run["score"] == result.summary["val_bpb"]
     curve = b.curves.query("kind == 'main' and recipe == 2 and seed == 1").set_index("step")["snapshot_bpb"]
     got = {h["step"]: h["val_bpb"] for h in result.history if not h.get("final")}
-    assert curve.to_dict() == pytest.approx(got, rel=1e-6)
+    assert curve.to_dict() == got
 
 
 def test_resume_trains_only_what_is_missing(recorded, tmp_path, demo_data, capsys):
@@ -62,7 +82,9 @@ def test_resume_trains_only_what_is_missing(recorded, tmp_path, demo_data, capsy
 
     copy = tmp_path / "b"
     shutil.copytree(recorded, copy)
-    lines = (copy / RECORDS_NAME).read_text().splitlines(keepends=True)
+    records = read_records(copy / RECORDS_NAME)
+    other = {"vendor": "OtherVendor", "capability": "DEFAULT"}  # the first runs came from another kind of CPU
+    lines = [json.dumps(r if r.get("record") != "run" else {**r, "cpu": other}) + "\n" for r in records]
     kept = "".join(lines[:-2]) + lines[-2][:20]  # two runs lost, the second cut mid-line by a crash
     (copy / RECORDS_NAME).write_text(kept)
     (copy / "benchmark.json").unlink()
@@ -77,7 +99,40 @@ def test_resume_trains_only_what_is_missing(recorded, tmp_path, demo_data, capsy
     assert len(read_records(copy / RECORDS_NAME)) == len(lines)  # whole lines again
     a, b = load_benchmark(recorded), load_benchmark(copy)
     key = ["kind", "recipe", "seed", "iterations"]
-    assert a.runs.sort_values(key)[key].values.tolist() == b.runs.sort_values(key)[key].values.tolist()
+    a_runs, b_runs = (t.runs.sort_values(key)[[*key, "score"]].values.tolist() for t in (a, b))
+    assert a_runs == b_runs  # the two runs trained again are the lost ones, to the bit
+    # finishing on another kind of CPU is said, at the start and in benchmark.json
+    assert "warning: runs of this recording ran on" in out and "warning: the runs ran on 2 kinds of CPU" in out
+    assert b.info["cpus"] == [{"cpu": other, "runs": 12}, {"cpu": cpu_kind(), "runs": 2}]
+
+
+def test_resume_refuses_a_format_1_recording(recorded, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(recorded, copy)
+    records = read_records(copy / RECORDS_NAME)
+    old_meta = {k: v for k, v in records[0].items() if k != "format"}
+    (copy / RECORDS_NAME).write_text("".join(json.dumps(r) + "\n" for r in [old_meta, *records[1:4]]))
+    before = (copy / RECORDS_NAME).read_text()
+    capsys.readouterr()
+    assert main(["benchmark", "record", "--out", str(copy), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "recorded in format 1" in err[0] and "record it anew" in err[0]
+    assert (copy / RECORDS_NAME).read_text() == before
+
+
+def test_a_recording_on_ray_is_the_process_pool_s(recorded, tmp_path, demo_data, local_ray):
+    """The same recording with each run a Ray task: the same runs, to the bit (one torch thread each)."""
+    out = tmp_path / "on-ray"
+    assert main(["benchmark", "record", "--out", str(out), "--data", str(demo_data), *RECORD, "--ray",
+                 "--cpus-per-run", "1", *tiny_sets()]) == 0
+    a, b = load_benchmark(recorded), load_benchmark(out)
+    key = ["kind", "recipe", "seed", "iterations"]
+    for table in ("runs", "curves"):
+        x, y = (getattr(t, table).sort_values(key + (["step"] if table == "curves" else [])).reset_index(drop=True)
+                for t in (a, b))
+        assert x.equals(y), table
 
 
 def test_simulate_on_a_recorded_benchmark(recorded, capsys, tmp_path):
