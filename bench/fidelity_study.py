@@ -38,6 +38,7 @@ from jepatune.analysis.explore import spearman  # noqa: E402
 from jepatune.analysis.replay import fidelity_cost, milestones, orders_summary, replay_permutations  # noqa: E402
 from jepatune.atomic import atomic_write_text  # noqa: E402
 from jepatune.errors import JepatuneError  # noqa: E402
+from jepatune.experiment.fidelity import default_grace  # noqa: E402
 
 Record = dict[str, Any]
 MODES = ("snapshot", "probe", "restart")
@@ -299,7 +300,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.configs, args.steps, args.probe_steps, args.orders = 3, 40, 3, 20
-    args.graces = args.graces or [max(1, args.steps // 8), max(1, args.steps // 4)]
+    args.graces = args.graces or [max(1, args.steps // 8), default_grace(args.steps)]
     if args.configs < 2 or args.workers < 1 or args.probe_steps < 1:
         p.error("--configs must be at least 2, --workers and --probe-steps at least 1")
     return args

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 from pathlib import Path
 
 import ray
 import ray._private.services
-from processes import cmdline, kill_processes_mentioning
+from processes import cmdline, free_port, kill_processes_mentioning
 from ray.cluster_utils import AutoscalingCluster
 
 # The fake provider's cluster config, as its example.yaml in Ray's repository gives it; the node
@@ -35,12 +34,6 @@ FAKE_CLUSTER = {
 }
 # ray start turns token authentication on when ~/.ray/auth_token exists; the drivers here connect without.
 AUTH_OFF = {"RAY_AUTH_MODE": "disabled"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class FakeAutoscalingCluster(AutoscalingCluster):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -12,6 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+
+def free_port() -> int:
+    """A port nothing listens on now (a fixed one can collide with another run or a lingering socket)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def set_args(knobs: dict) -> list[str]:

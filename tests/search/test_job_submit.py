@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from clusters import free_port
-from processes import kill_processes_mentioning, set_args
+from processes import free_port, kill_processes_mentioning, set_args
 
 from jepatune.analysis.tables import load_tables
 

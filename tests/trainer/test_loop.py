@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import keep_checkpoint_at
+from processes import free_port
 
 from jepatune.trainer.data import find_shards, load_val_tokens, read_shard
 from jepatune.trainer.loop import train
@@ -95,15 +96,6 @@ def test_tiny_model_learns_the_demo_corpus(tiny):
     # at step 100 (ce_pure_frac) and at decay 0.995 still gives 0.995^100 = 61% of its weight to that step's.
     assert result.summary["raw_bpb"] < baseline - 0.5, (result.summary["raw_bpb"], baseline)
     assert result.summary["val_bpb"] < baseline - 0.25, (result.summary["val_bpb"], baseline)
-
-
-def free_port() -> int:
-    """A port nothing listens on now (a fixed one can collide with another run or a lingering socket)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 DDP_WORKER = """
