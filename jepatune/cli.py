@@ -166,6 +166,10 @@ def _add_record_options(b: argparse.ArgumentParser) -> None:
                        f"({getattr(d, name)})")
     b.add_argument("--factors", type=_int_tuple, default=d.factors, help="ASHA reduction factors whose rungs are "
                    "recorded (2,3)")
+    b.add_argument("--refine-recipes", type=int, default=d.refine_recipes, help="recipes drawn near the best ones "
+                   f"once the main runs are in ({d.refine_recipes})")
+    b.add_argument("--refine-width", type=float, default=d.refine_width, help="their half-width around each best "
+                   f"recipe, in the unit cube ({d.refine_width})")
     b.add_argument("--fidelity-rungs", type=_int_tuple, default=d.fidelity_rungs, help="the rungs each recipe is also "
                    "trained to from scratch (the restart fidelity; default every recorded rung)")
     b.add_argument("--ray", action="store_true", help="train each run as a Ray task, on the cluster RAY_ADDRESS "
@@ -189,8 +193,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         trial_steps=args.trial_steps, factors=args.factors, transfer_recipes=args.transfer_recipes,
         transfer_factor=args.transfer_factor, transfer_seeds=args.transfer_seeds,
         fidelity_seeds=args.fidelity_seeds, probe_steps=args.probe_steps, fidelity_rungs=args.fidelity_rungs,
-        seed=args.seed, workers=args.workers, ray=args.ray, cpus_per_run=args.cpus_per_run,
-        gpus_per_run=args.gpus_per_run)
+        refine_recipes=args.refine_recipes, refine_width=args.refine_width, seed=args.seed, workers=args.workers,
+        ray=args.ray, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run)
     runner = None
     if args.ray:
         from jepatune.search.record_on_ray import ray_runner

@@ -15,7 +15,10 @@ The plan, for a space, a base recipe (a model preset, knobs, data) and a trial b
      score are those of a run without probes);
    - its `restart` runs, for the first `fidelity_seeds` seeds: one run per rung r with
      `iterations=r`, the third fidelity.
-3. Once the main runs are in, a transfer subset (the reference, CE from 0, the best recipes by their
+3. Once they are in, `refine_recipes` more recipes near the best ones (`refine`: Latin hypercubes
+   of half-width `refine_width` in the unit cube around the best quarter as many recipes), each
+   recorded as in 2, so the surrogate has close neighbours where a sampler ends up.
+4. Then a transfer subset (the reference, CE from 0, the best recipes by their
    mean score and others spread over the ranks) is trained at `transfer_factor` x B (`transfer`: the
    final budget, scored as a trial is; on the full val split each score would cost more than the
    training at the demo's shape).
@@ -99,6 +102,39 @@ def design(space: Space, n: int, seed: int) -> list[Record]:
             for i, (origin, params) in enumerate(points)]
 
 
+def refine(space: Space, recipes: list[Record], main: pd.DataFrame, n: int, width: float, seed: int) -> list[Record]:
+    """n recipes around the best recipes by mean score (a quarter of n of them, each the centre of
+    as many points), from Latin hypercubes of half-width `width` in the unit cube; infeasible points
+    are drawn again."""
+    if n == 0:
+        return []
+    ranked = main.groupby("recipe")["score"].mean().sort_values().index.tolist()
+    centres = [np.array([d.to_unit(recipes[i]["params"][d.name]) for d in space.dims])
+               for i in ranked[:max(1, n // 4)]]
+    points: list[dict[str, Any]] = []
+    for attempt in range(20):
+        offsets = (latin_hypercube(n, len(space.dims), seed + 1000 + attempt) * 2 - 1) * width
+        for j, off in enumerate(offsets):
+            p = {d.name: d.from_unit(u) for d, u in zip(space.dims, np.clip(centres[j % len(centres)] + off, 0, 1),
+                                                        strict=True)}
+            if len(points) < n and INFEASIBLE_KEY not in space.overrides(p):
+                points.append(p)
+        if len(points) == n:
+            break
+    else:
+        raise JepatuneError(f"space {space.name!r}: fewer than {n} feasible points near the best recipes in 20 "
+                            f"draws; record with fewer --refine-recipes or a wider --refine-width")
+    first = len(recipes)
+    return [{"recipe": first + i, "origin": "refine", "params": p, "knobs": space.overrides(p)}
+            for i, p in enumerate(points)]
+
+
+def all_recipes(records: list[Record]) -> list[Record]:
+    """The design's recipes (in the meta record), then the refined ones once drawn."""
+    refined = next((r["recipes"] for r in records if r.get("record") == "refine"), [])
+    return records[0]["recipes"] + refined
+
+
 # --- the runs ---------------------------------------------------------------------------------------
 
 def job_key(job: Record) -> str:
@@ -134,7 +170,7 @@ def transfer_subset(recipes: list[Record], main: pd.DataFrame, n: int) -> list[i
     if n == 0:
         return []
     ranked = main.groupby("recipe")["score"].mean().sort_values().index.tolist()
-    chosen = [r["recipe"] for r in recipes if r["origin"] != "design"][:n]
+    chosen = [r["recipe"] for r in recipes if r["origin"] in ("reference", "ce-from-0")][:n]
     for i in ranked[: max(0, 2 * n // 3)]:
         if len(chosen) < n and i not in chosen:
             chosen.append(i)
@@ -272,6 +308,19 @@ def record_benchmark(s: RecordSettings, *, resume: bool = False, log: Callable[[
         f"already in")
     main = [j for j in main_jobs(s, base, recipes) if job_key(j) not in done]
     records += run_jobs(main, records_path, runner, log)
+    if s.refine_recipes and not any(r.get("record") == "refine" for r in records):
+        runs = runs_frame(records)
+        drawn = refine(get_space(s.space, base=base), recipes, runs[runs["kind"] == "main"], s.refine_recipes,
+                       s.refine_width, s.seed)
+        records.append(line := {"record": "refine", "recipes": drawn})
+        with open(records_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+    refined = all_recipes(records)[len(recipes):]
+    if refined:
+        log(f"refine: {len(refined)} recipes near the best {max(1, len(refined) // 4)}, within {s.refine_width} of "
+            f"them in the unit cube")
+    records += run_jobs([j for j in main_jobs(s, base, refined) if job_key(j) not in done], records_path, runner, log)
+    recipes = all_recipes(records)
     runs = runs_frame(records)
     subset = transfer_subset(recipes, runs[runs["kind"] == "main"], s.transfer_recipes)
     later = [j for j in transfer_jobs(s, base, recipes, subset) if job_key(j) not in done]
@@ -299,7 +348,7 @@ def write_tables(out: Path, records: list[Record], end: Record) -> None:
     meta = records[0]
     runs = runs_frame(records)
     recipes = pd.DataFrame([{"recipe": r["recipe"], "origin": r["origin"], **r["params"],
-                             **{f"knob:{k}": v for k, v in r["knobs"].items()}} for r in meta["recipes"]])
+                             **{f"knob:{k}": v for k, v in r["knobs"].items()}} for r in all_recipes(records)])
     curves = pd.DataFrame([{"kind": r["kind"], "recipe": r["recipe"], "seed": r["seed"], "iterations": r["iterations"],
                             **p} for r in records[1:] if r.get("record") == "run" for p in r["points"]],
                           columns=["kind", "recipe", "seed", "iterations", "step", "snapshot_bpb", "probe_bpb"])

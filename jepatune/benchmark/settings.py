@@ -25,6 +25,11 @@ class RecordSettings:
     # Every rung of ASHA's ladders for first rungs of B/8 and B/4 and reduction factors 2 and 3.
     graces: tuple[int, ...] = (0, 0)  # 0: B/8, and the sweep's default first rung (B/4)
     factors: tuple[int, ...] = (2, 3)
+    # Recipes drawn, once the main runs are in, around the best ones (each best recipe the centre of a
+    # Latin hypercube of half-width `refine_width` in the unit cube): where a sweep's sampler ends up,
+    # the surrogate interpolates between close neighbours instead of far ones.
+    refine_recipes: int = 40
+    refine_width: float = 0.1
     transfer_recipes: int = 30
     transfer_factor: int = 4
     transfer_seeds: int = 2
@@ -56,6 +61,9 @@ class RecordSettings:
                          ("transfer_seeds", 1), ("fidelity_seeds", 0), ("workers", 1), ("probe_steps", 0)):
             if getattr(self, key) < low:
                 raise JepatuneError(f"--{key.replace('_', '-')}={getattr(self, key)}: must be at least {low}")
+        if self.refine_recipes < 0 or not 0 < self.refine_width <= 0.5:
+            raise JepatuneError(f"--refine-recipes={self.refine_recipes} --refine-width={self.refine_width}: "
+                                f"the first at least 0, the second in (0, 0.5]")
         if self.fidelity_seeds > self.seeds:
             raise JepatuneError(f"--fidelity-seeds={self.fidelity_seeds}: at most --seeds={self.seeds} (the restarts "
                                 f"use the main runs' seeds)")
@@ -65,8 +73,9 @@ class RecordSettings:
         if self.cpus_per_run <= 0 or self.gpus_per_run < 0:
             raise JepatuneError(f"--cpus-per-run={self.cpus_per_run} --gpus-per-run={self.gpus_per_run}: a run needs "
                                 f"more than 0 CPUs and at least 0 GPUs")
-        if not 0 <= self.transfer_recipes <= self.recipes:
-            raise JepatuneError(f"--transfer-recipes={self.transfer_recipes}: must be in [0, --recipes]")
+        if not 0 <= self.transfer_recipes <= self.recipes + self.refine_recipes:
+            raise JepatuneError(f"--transfer-recipes={self.transfer_recipes}: must be in [0, --recipes + "
+                                f"--refine-recipes]")
         if any(f < 2 for f in self.factors):
             raise JepatuneError(f"--factors {list(self.factors)}: every reduction factor must be at least 2")
         if self.preset is not None and self.preset not in PRESETS:

@@ -15,7 +15,7 @@ from jepatune.trainer.runtime import cpu_kind
 
 RECORD = ["--recipes", "3", "--seeds", "2", "--trial-steps", "8", "--transfer-recipes", "2", "--transfer-factor", "2",
           "--transfer-seeds", "1", "--probe-steps", "1", "--fidelity-seeds", "1", "--fidelity-rungs", "2,4",
-          "--preset", "none"]
+          "--refine-recipes", "2", "--preset", "none"]
 
 
 @pytest.fixture(scope="module")
@@ -28,26 +28,42 @@ def recorded(tmp_path_factory, demo_data):
 
 def test_the_tables_hold_every_run_and_rung(recorded):
     b = load_benchmark(recorded)
-    assert b.recipes["origin"].tolist() == ["reference", "ce-from-0", "design"]
+    assert b.recipes["origin"].tolist() == ["reference", "ce-from-0", "design", "refine", "refine"]
     ce0 = b.recipes.set_index("origin").loc["ce-from-0"]
     assert ce0["knob:jepa_pure_frac"] == 0 and ce0["knob:ce_pure_frac"] == 0
     kinds = b.runs["kind"].value_counts().to_dict()
     # rungs of B/8 = 1 and B/4 = 2 with factors 2 and 3 below 8: 1, 2, 3, 4, 6; restarts at 2, 4 (seed 0)
     assert b.rungs == (1, 2, 3, 4, 6) and b.fidelity_rungs == [2, 4]
-    assert kinds == {"main": 6, "restart": 6, "transfer": 2}
+    assert kinds == {"main": 10, "restart": 10, "transfer": 2}
     assert (b.runs.loc[b.runs["kind"] == "transfer", "iterations"] == 16).all()
     snap = b.rung_values("snapshot")
-    assert snap.shape == (6, 5) and snap.notna().all().all()
+    assert snap.shape == (10, 5) and snap.notna().all().all()
     # every main run branched a probe off at every rung; restarts for every recipe
-    assert b.rung_values("probe").shape == (6, 5) and b.rung_values("restart").shape == (3, 2)
-    assert b.fidelity_recipes() == ([0, 1, 2], [0])
+    assert b.rung_values("probe").shape == (10, 5) and b.rung_values("restart").shape == (5, 2)
+    assert b.fidelity_recipes() == ([0, 1, 2, 3, 4], [0])
     # a main run's compute counts its branches: 8 steps + 5 probes of 1 step
     assert (b.runs.loc[b.runs["kind"] == "main", "compute_steps"] == 13).all()
-    assert b.transfer_scores().shape == (2, 1) and b.main_scores().shape == (3, 2)
+    assert b.transfer_scores().shape == (2, 1) and b.main_scores().shape == (5, 2)
     info = json.loads((recorded / "benchmark.json").read_text())
-    assert info["runs"] == 14 and info["settings"]["recipes"] == 3 and info["format"] == 2
+    assert info["runs"] == 22 and info["settings"]["recipes"] == 3 and info["format"] == 2
     # every run says which kind of CPU its floats came from
-    assert info["cpus"] == [{"cpu": cpu_kind(), "runs": 14}] and info["machine"]["cpu"] == cpu_kind()
+    assert info["cpus"] == [{"cpu": cpu_kind(), "runs": 22}] and info["machine"]["cpu"] == cpu_kind()
+
+
+def test_refined_recipes_lie_near_the_best_design_recipe(recorded):
+    from jepatune.spaces import get_space
+
+    b = load_benchmark(recorded)
+    space = get_space("curriculum")
+    design = b.main_scores().loc[[0, 1, 2]].mean(axis=1)
+    recipes = b.recipes.set_index("recipe")
+    unit = {i: [d.to_unit(recipes.loc[i, d.name]) for d in space.dims] for i in recipes.index}
+    best = design.idxmin()
+    for i in (3, 4):  # a quarter of 2 recipes: one centre, the best design recipe by mean score
+        assert max(abs(a - c) for a, c in zip(unit[i], unit[best], strict=True)) <= 0.1 + 1e-9
+        assert unit[i] != unit[best]
+    lines = [r for r in read_records(recorded / RECORDS_NAME) if r.get("record") == "refine"]
+    assert len(lines) == 1 and [r["recipe"] for r in lines[0]["recipes"]] == [3, 4]
 
 
 def test_default_restarts_are_at_every_recorded_rung():
@@ -93,7 +109,7 @@ def test_resume_trains_only_what_is_missing(recorded, tmp_path, demo_data, capsy
     assert "--resume" in capsys.readouterr().err
     assert main(["benchmark", "record", "--out", str(copy), "--resume", "--workers", "1"]) == 0
     out = capsys.readouterr().out
-    assert "12 runs already in" in out
+    assert "20 runs already in" in out
     assert len([line for line in out.splitlines() if line.startswith("[")]) == 2  # the two lost runs, no more
     assert (copy / RECORDS_NAME).read_text().startswith("".join(lines[:-2]))
     assert len(read_records(copy / RECORDS_NAME)) == len(lines)  # whole lines again
@@ -103,7 +119,8 @@ def test_resume_trains_only_what_is_missing(recorded, tmp_path, demo_data, capsy
     assert a_runs == b_runs  # the two runs trained again are the lost ones, to the bit
     # finishing on another kind of CPU is said, at the start and in benchmark.json
     assert "warning: runs of this recording ran on" in out and "warning: the runs ran on 2 kinds of CPU" in out
-    assert b.info["cpus"] == [{"cpu": other, "runs": 12}, {"cpu": cpu_kind(), "runs": 2}]
+    assert b.info["cpus"] == [{"cpu": other, "runs": 20}, {"cpu": cpu_kind(), "runs": 2}]
+    assert sum(r.get("record") == "refine" for r in read_records(copy / RECORDS_NAME)) == 1  # not drawn again
 
 
 def test_resume_refuses_a_format_1_recording(recorded, tmp_path, capsys):
