@@ -384,7 +384,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     report.md with its figures. An ablation folder gets its report only."""
     from jepatune.analysis import explore
     from jepatune.analysis.report import write_report
-    from jepatune.analysis.summary import sweep_summary
+    from jepatune.analysis.summary import storage_use, sweep_summary
     from jepatune.analysis.tables import load
     from jepatune.experiment.layout import ABLATION_NAME
     from jepatune.experiment.settings import local_folder, read_settings
@@ -397,14 +397,15 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             _print_report(write_report(given, log=print))
             return 0
         folder = read_settings(given).folder  # a clear error when it is not a sweep
-    print(sweep_summary(folder, k=args.top))
+    use = storage_use(folder)  # listed once, for the summary and the report
+    print(sweep_summary(folder, k=args.top, storage=use))
     tables = load(folder)
     fmt = {"index": False, "float_format": lambda v: f"{v:.4g}"}
     for knob in explore.knob_columns(tables.trials):
         m = explore.marginals(tables.trials, knob)
         print(f"\nBPB by {knob} (completed trials):\n" + (m.to_string(**fmt) if len(m) else "no completed trial yet"))
     contents: dict = {}  # the report's tables, printed here rather than computed twice
-    path = write_report(folder, log=print, contents=contents)
+    path = write_report(folder, log=print, contents=contents, storage=use)
     for title, heading in (
             ("Hyperparameter importance", "knob importance (Optuna PED-ANOVA)"),
             ("Rung correlation", "how well each ASHA rung predicts the final BPB (Spearman over completed trials)"),
@@ -458,7 +459,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from jepatune import corpora
     from jepatune.analysis.finalists import conclusion
     from jepatune.analysis.report import write_report
-    from jepatune.analysis.summary import sweep_summary
+    from jepatune.analysis.summary import storage_use, sweep_summary
     from jepatune.analysis.tables import load_tables
     from jepatune.search.sweep import finalize, run_sweep
 
@@ -475,10 +476,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     run_sweep(settings)
     print(f"sweep done in {time.perf_counter() - t0:.0f}s")
     finalize(settings.folder)
-    print(sweep_summary(settings.folder))
+    use = storage_use(settings.folder)  # listed once, for the summary and the report
+    print(sweep_summary(settings.folder, storage=use))
     print(f"experiment folder: {settings.folder}\n  tables: {settings.folder / TABLES_DIR}/"
           f"{{trials,curves,decisions,final,finalists}}.parquet\n  best recipe: {settings.folder / BEST_NAME}")
-    print(f"  report: {write_report(settings.folder, log=print)} (figures in report/)")
+    print(f"  report: {write_report(settings.folder, log=print, storage=use)} (figures in report/)")
     print(f"demo finished in {time.perf_counter() - t0:.0f}s")
     print(conclusion(load_tables(settings.folder)["finalists"]))
     return 0

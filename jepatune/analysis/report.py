@@ -94,13 +94,14 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 
 def write_report(folder: str | os.PathLike, *, log: Callable[[str], None] | None = None,
-                 contents: dict[str, pd.DataFrame | str] | None = None) -> Path:
+                 contents: dict[str, pd.DataFrame | str] | None = None, storage: dict[str, Any] | None = None) -> Path:
     """Write `folder`/report.md and its figures in `folder`/report/; return the report's path.
 
     `folder`: a sweep (holds sweep.json) or an ablation (holds ablation.json). `log`, when given,
     gets a line per figure saved once the report has taken more than PROGRESS_AFTER_S. `contents`,
     when given, receives each section's first table, or the line saying why it has none, by section
-    title (so `jepatune analyze` prints what the report computed instead of computing it again)."""
+    title (so `jepatune analyze` prints what the report computed instead of computing it again).
+    `storage`: the sweep's `storage_use`, when the caller has listed it already."""
     folder = Path(folder).resolve()
     if not folder.is_dir():
         raise JepatuneError(f"{folder} does not exist; give a sweep folder or an ablation folder")
@@ -108,7 +109,7 @@ def write_report(folder: str | os.PathLike, *, log: Callable[[str], None] | None
         raise JepatuneError(f"cannot write the report of {folder}: {probe} is not writable")
     report = _Report(folder / FIGURES_DIR, log=log)
     if (folder / SETTINGS_NAME).is_file():
-        _sweep_report(folder, report)
+        _sweep_report(folder, report, storage or storage_use(folder))
     elif (folder / ABLATION_NAME).is_file():
         _ablation_report(folder, report)
     else:
@@ -126,7 +127,7 @@ def write_report(folder: str | os.PathLike, *, log: Callable[[str], None] | None
 
 # --- a sweep -------------------------------------------------------------------------------------
 
-def _sweep_report(folder: Path, r: _Report) -> None:
+def _sweep_report(folder: Path, r: _Report, use: dict[str, Any]) -> None:
     meta = read_metadata(folder)
     settings, rungs = meta.get("settings", {}), [int(x) for x in meta.get("rungs", [])]
     tables = load(folder)
@@ -155,7 +156,7 @@ def _sweep_report(folder: Path, r: _Report) -> None:
     _replays(r, replays)
     _finalists(r, tables, folder)
     r.section("Storage")
-    if (use := storage_use(folder))["trials"]:
+    if use["trials"]:
         r.text(f"The sweep takes {storage_text(use)}.", "")
     else:
         r.missing("no trial has written to the sweep's storage yet")

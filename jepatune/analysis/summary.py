@@ -57,8 +57,10 @@ def storage_text(use: dict[str, Any]) -> str:
             "training state)")
 
 
-def sweep_summary(folder: str | os.PathLike, k: int = 5) -> str:
-    """The top `k` trials, then the finalists' retrain and the sweep's answer."""
+def sweep_summary(folder: str | os.PathLike, k: int = 5, storage: dict[str, Any] | None = None) -> str:
+    """The top `k` trials, then the finalists' retrain and the sweep's answer, then `storage` (the
+    sweep's `storage_use`, listed here when not given: a caller that also writes the report lists it
+    once for both)."""
     tables = load(folder)
     trials = tables.trials
     counts = trials["status"].value_counts().to_dict()
@@ -73,4 +75,4 @@ def sweep_summary(folder: str | os.PathLike, k: int = 5) -> str:
         lines += ["finalists retrained with seeds no trial used (val_bpb after the int8+zlib round trip, full val "
                   "split; delta vs the reference with a paired 95% CI):",
                   shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"), conclusion(tables.finalists)]
-    return "\n".join([*lines, "storage: " + storage_text(storage_use(folder))])
+    return "\n".join([*lines, "storage: " + storage_text(storage or storage_use(folder))])

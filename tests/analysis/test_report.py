@@ -276,8 +276,19 @@ def sections(text: str) -> dict[str, str]:
     return {parts[i].strip(): parts[i + 1].strip() for i in range(1, len(parts), 2)}
 
 
-def test_analyze_writes_a_report_whose_links_are_all_valid_figures(sweep, capsys):
+def test_analyze_writes_a_report_whose_links_are_all_valid_figures(sweep, capsys, monkeypatch):
+    from jepatune.analysis import report, summary
+
+    listings = []  # on an object store each listing is requests: analyze lists the sweep's storage once
+
+    def counted(folder, real=summary.storage_use):
+        listings.append(folder)
+        return real(folder)
+
+    monkeypatch.setattr(summary, "storage_use", counted)
+    monkeypatch.setattr(report, "storage_use", counted)
     assert main(["analyze", str(sweep)]) == 0
+    assert len(listings) == 1
     out = capsys.readouterr().out
     assert f"report: {sweep / REPORT_NAME}" in out and "top trials" in out  # the leaderboard as before
     names = check_figures(sweep)
