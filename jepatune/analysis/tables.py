@@ -132,10 +132,10 @@ def table_name(name: str) -> str:
     return f"{TABLES_DIR}/{name}.parquet"
 
 
-def write_tables(folder: str | os.PathLike) -> dict[str, str]:
+def write_tables(folder: str | os.PathLike, settings: SweepSettings | None = None) -> dict[str, str]:
     """(Re)build every table of the sweep at `folder` (its local folder or storage URI) from its files,
-    where the sweep lives; return their locations."""
-    settings = read_settings(folder)
+    where the sweep lives; return their locations. `settings`: `read_settings(folder)`, when read."""
+    settings = settings or read_settings(folder)
     store = settings.store
     meta = read_metadata(folder)
     knobs = searched_knobs(settings.experiment_path)
@@ -172,11 +172,12 @@ def searched_knobs(experiment: str) -> list[str]:
     return list(seen)
 
 
-def load_tables(folder: str | os.PathLike) -> dict[str, pd.DataFrame]:
+def load_tables(folder: str | os.PathLike, settings: SweepSettings | None = None) -> dict[str, pd.DataFrame]:
     """The sweep's tables as DataFrames (built first when missing)."""
-    store = read_settings(folder).store
+    settings = settings or read_settings(folder)
+    store = settings.store
     if not all(store.exists(table_name(name)) for name in schema.TABLES):
-        write_tables(folder)
+        write_tables(folder, settings)
     return {name: read_parquet(store, table_name(name)) for name in schema.TABLES}
 
 
@@ -197,14 +198,14 @@ def load(folder: str | os.PathLike) -> Tables:
     Stale: a source is newer (mtime) than the oldest table. Sources: the decisions and the retrain's
     runs, and each Ray trial's `result.json` and report log when the sweep is on a local path (on a
     storage URI such as s3:// those are not checked: listing every trial costs a request each)."""
-    if _stale(folder):
-        write_tables(folder)
-    tables = load_tables(folder)
+    settings = read_settings(folder)  # read once for the check, the rebuild and the reads
+    if _stale(settings):
+        write_tables(folder, settings)
+    tables = load_tables(folder, settings)
     return Tables(**{name: tables[name] for name in Tables._fields})
 
 
-def _stale(folder: str | os.PathLike) -> bool:
-    settings = read_settings(folder)
+def _stale(settings: SweepSettings) -> bool:
     store = settings.store
     built = [store.mtime_ns(table_name(name)) for name in schema.TABLES]
     if None in built:

@@ -297,9 +297,15 @@ def test_every_helper_runs_on_a_real_sweep(sweep):
     assert final.set_index("recipe").loc[sorted(finalists), "paired"].all()
 
 
-def test_load_rebuilds_tables_older_than_a_trial_result(sweep):
+def test_load_rebuilds_tables_older_than_a_trial_result(sweep, monkeypatch):
+    from jepatune.analysis import tables as tables_module
+
     folder = sweep.folder
     load(folder)
+    reads, real = [], tables_module.read_settings
+    monkeypatch.setattr(tables_module, "read_settings", lambda f: reads.append(f) or real(f))
+    load(folder)
+    assert len(reads) == 1  # sweep.json read once (on an object store, each read is a request)
     old = max(table_mtimes(folder).values()) - 60 * 10**9
     for name in schema.TABLES:  # tables written a minute ago, then a trial's result changes
         os.utime(folder / "tables" / f"{name}.parquet", ns=(old, old))
