@@ -174,9 +174,9 @@ def _add_record_options(b: argparse.ArgumentParser) -> None:
                    "trained to from scratch (the restart fidelity; default every recorded rung)")
     b.add_argument("--ray", action="store_true", help="train each run as a Ray task, on the cluster RAY_ADDRESS "
                    "names or a local Ray (default: --workers local processes)")
-    for name, default in (("cpus_per_run", d.cpus_per_run), ("gpus_per_run", d.gpus_per_run)):
+    for name, default, what in (("cpus_per_run", d.cpus_per_run, "CPUs"), ("gpus_per_run", d.gpus_per_run, "GPUs")):
         b.add_argument(f"--{name.replace('_', '-')}", type=float, default=default,
-                       help=f"with --ray: {name.split('_')[0].upper()}s each run's task holds ({default:g})")
+                       help=f"with --ray: {what} each run's task holds ({default:g})")
     b.add_argument("--resume", action="store_true", help="finish a recording that stopped: trains only what is missing")
 
 

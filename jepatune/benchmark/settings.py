@@ -61,9 +61,11 @@ class RecordSettings:
                          ("transfer_seeds", 1), ("fidelity_seeds", 0), ("workers", 1), ("probe_steps", 0)):
             if getattr(self, key) < low:
                 raise JepatuneError(f"--{key.replace('_', '-')}={getattr(self, key)}: must be at least {low}")
-        if self.refine_recipes < 0 or not 0 < self.refine_width <= 0.5:
-            raise JepatuneError(f"--refine-recipes={self.refine_recipes} --refine-width={self.refine_width}: "
-                                f"the first at least 0, the second in (0, 0.5]")
+        if self.refine_recipes < 0:
+            raise JepatuneError(f"--refine-recipes={self.refine_recipes}: must be at least 0")
+        if not 0 < self.refine_width <= 0.5:
+            raise JepatuneError(f"--refine-width={self.refine_width}: must be in (0, 0.5], a half-width in the unit "
+                                f"cube")
         if self.fidelity_seeds > self.seeds:
             raise JepatuneError(f"--fidelity-seeds={self.fidelity_seeds}: at most --seeds={self.seeds} (the restarts "
                                 f"use the main runs' seeds)")
