@@ -13,6 +13,7 @@ import json
 import os
 import re
 import time
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from jepatune.errors import JepatuneError
 from jepatune.experiment.layout import (
     ABLATION_NAME,
     ABLATIONS_DIR,
+    BEST_NAME,
     FIGURES_DIR,
     FINAL_DIR,
     REPORT_NAME,
@@ -312,6 +314,20 @@ def _pruning_sentence(replays: pd.DataFrame, rungs: list[int]) -> str | None:
     return text + "."
 
 
+def next_ablation(best: Path) -> str:
+    """The built-in ablation worth running on the winner (its best.toml), with what it measures: its
+    curriculum against CE from step 0 and against no bridge, unless the winner is CE from step 0
+    already; then what its weight average is worth."""
+    try:
+        knobs = tomllib.loads(best.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError):
+        knobs = {}
+    if knobs.get("jepa_pure_frac") == 0 and knobs.get("ce_pure_frac") == 0:
+        return ("swa --seeds 5` measures what the winner's weight average is worth (it trains with cross-entropy "
+                "from step 0, so it has no curriculum to ablate).")
+    return "jepa-vs-ce --seeds 5` measures what the winner's curriculum is worth, one change at a time."
+
+
 def _conclusion(r: _Report, folder: Path, tables: Tables, settings: dict[str, Any],
                 replays: pd.DataFrame, rungs: list[int]) -> None:
     """The report's first statement: which recipe to use, by how much and how sure; then the next steps."""
@@ -329,10 +345,9 @@ def _conclusion(r: _Report, folder: Path, tables: Tables, settings: dict[str, An
     rho, k = trial_to_final_spearman(table), int(table["trial_bpb"].notna().sum())
     curse = table.loc[table["finalist"].fillna(False).astype(bool) & ~table["recipe"].eq("reference"),
                       "excess_drift"].mean()
-    bullets = [f"- Recipe: `{folder / 'best.toml'}` (`jepatune train --config {folder / 'best.toml'}` trains it "
+    bullets = [f"- Recipe: `{folder / BEST_NAME}` (`jepatune train --config {folder / BEST_NAME}` trains it "
                "again).",
-               f"- Next: `jepatune ablate --sweep {folder} --variants jepa-vs-ce --seeds 5` measures what the "
-               "winner's curriculum is worth, one change at a time."]
+               f"- Next: `jepatune ablate --sweep {folder} --variants {next_ablation(folder / BEST_NAME)}"]
     if pd.notna(curse):
         spread = table["std"].dropna()
         scale = f"; the seeds' own spread is {spread.min():.3f}-{spread.max():.3f} BPB" if len(spread) else ""

@@ -388,3 +388,15 @@ def test_a_folder_that_is_neither_a_sweep_nor_an_ablation_is_refused(tmp_path, c
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "not a jepatune sweep" in err
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_the_next_ablation_suits_the_winner(tmp_path):
+    from jepatune.analysis.report import next_ablation
+    from jepatune.trainer.config import TrainConfig
+
+    best = tmp_path / "best.toml"
+    best.write_text(TrainConfig().to_toml())  # the reference's curriculum: ablate it
+    assert next_ablation(best).startswith("jepa-vs-ce ")
+    best.write_text(TrainConfig(jepa_pure_frac=0.0, ce_pure_frac=0.0).to_toml())  # CE from 0: nothing to ablate there
+    assert next_ablation(best).startswith("swa ") and "no curriculum" in next_ablation(best)
+    assert next_ablation(tmp_path / "missing.toml").startswith("jepa-vs-ce ")
