@@ -281,7 +281,7 @@ def record_benchmark(s: RecordSettings, *, resume: bool = False, log: Callable[[
                                 f"by this version: record it anew into another --out")
         # A line cut by a crash is dropped from the file too, before new runs are appended after it.
         atomic_write_text(records_path, "".join(json.dumps(r) + "\n" for r in records))
-        s = RecordSettings(**{**meta["settings"], **{k: getattr(s, k) for k in RUNNER_SETTINGS}})
+        s = RecordSettings(**{**meta["settings"], "out": str(out), **{k: getattr(s, k) for k in RUNNER_SETTINGS}})
         recipes = meta["recipes"]
         here = cpu_kind()
         others = [k["cpu"] for k in cpu_kinds(records) if not same_cpu_kind(k["cpu"], here)]
