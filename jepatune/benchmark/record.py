@@ -102,13 +102,18 @@ def design(space: Space, n: int, seed: int) -> list[Record]:
             for i, (origin, params) in enumerate(points)]
 
 
+def ranked_recipes(main: pd.DataFrame) -> list[int]:
+    """The recipes of the main runs, best mean score over seeds first."""
+    return main.groupby("recipe")["score"].mean().sort_values().index.tolist()
+
+
 def refine(space: Space, recipes: list[Record], main: pd.DataFrame, n: int, width: float, seed: int) -> list[Record]:
     """n recipes around the best recipes by mean score (a quarter of n of them, each the centre of
     as many points), from Latin hypercubes of half-width `width` in the unit cube; infeasible points
     are drawn again."""
     if n == 0:
         return []
-    ranked = main.groupby("recipe")["score"].mean().sort_values().index.tolist()
+    ranked = ranked_recipes(main)
     centres = [np.array([d.to_unit(recipes[i]["params"][d.name]) for d in space.dims])
                for i in ranked[:max(1, n // 4)]]
     points: list[dict[str, Any]] = []
@@ -169,7 +174,7 @@ def transfer_subset(recipes: list[Record], main: pd.DataFrame, n: int) -> list[i
     spread evenly over the ranks below them."""
     if n == 0:
         return []
-    ranked = main.groupby("recipe")["score"].mean().sort_values().index.tolist()
+    ranked = ranked_recipes(main)
     chosen = [r["recipe"] for r in recipes if r["origin"] in ("reference", "ce-from-0")][:n]
     for i in ranked[: max(0, 2 * n // 3)]:
         if len(chosen) < n and i not in chosen:
@@ -225,13 +230,18 @@ def process_pool(workers: int) -> Runner:
     return run
 
 
+def append_record(records_path: Path, rec: Record) -> None:
+    """One line of records.jsonl, written as soon as it exists (a crash cuts at most this line)."""
+    with open(records_path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
 def run_jobs(jobs: list[Record], records_path: Path, runner: Runner, log: Callable[[str], None]) -> list[Record]:
     if not jobs:
         return []
     t0, out = time.perf_counter(), []
     for done, rec in enumerate(runner(jobs), 1):
-        with open(records_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
+        append_record(records_path, rec)
         out.append(rec)
         elapsed = time.perf_counter() - t0
         log(f"[{done}/{len(jobs)}] {rec['kind']} recipe {rec['recipe']} seed {rec['seed']} "
@@ -270,7 +280,7 @@ def record_benchmark(s: RecordSettings, *, resume: bool = False, log: Callable[[
                             f"another --out")
     if resume and not records_path.exists():
         raise JepatuneError(f"--resume: {out} holds no recording ({RECORDS_NAME}); start one without --resume")
-    where = "Ray tasks" if runner is not None else f"{s.workers} processes"
+    where = "Ray tasks" if s.ray else f"{s.workers} processes"  # `ray` is the command's, also on --resume
     runner = runner or process_pool(s.workers)
     if resume:
         records = read_records(records_path)
@@ -285,7 +295,7 @@ def record_benchmark(s: RecordSettings, *, resume: bool = False, log: Callable[[
         recipes = meta["recipes"]
         here = cpu_kind()
         others = [k["cpu"] for k in cpu_kinds(records) if not same_cpu_kind(k["cpu"], here)]
-        if others and where != "Ray tasks":
+        if others and not s.ray:  # the runs will be this machine's
             log(f"warning: runs of this recording ran on {others}, this machine is {here}: its runs will differ from "
                 f"theirs as two seeds do (last-bit float differences grow over the steps); the tables list each "
                 f"run's kind of CPU")
@@ -313,8 +323,7 @@ def record_benchmark(s: RecordSettings, *, resume: bool = False, log: Callable[[
         drawn = refine(get_space(s.space, base=base), recipes, runs[runs["kind"] == "main"], s.refine_recipes,
                        s.refine_width, s.seed)
         records.append(line := {"record": "refine", "recipes": drawn})
-        with open(records_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(line) + "\n")
+        append_record(records_path, line)
     refined = all_recipes(records)[len(recipes):]
     if refined:
         log(f"refine: {len(refined)} recipes near the best {max(1, len(refined) // 4)}, within {s.refine_width} of "
