@@ -374,6 +374,7 @@ def train(config: TrainConfig, report: Report | None = None, *, out_dir: str | o
     out = Path(out_dir).resolve() if out_dir is not None else None
     ckpt = Path(checkpoint_dir).resolve() if checkpoint_dir is not None else None
     run = Trainer(config, report, out, ckpt, verbose, final_score)  # checks data and config before writing
+    finished = False
     try:
         resume = Path(resume_from) if resume_from is not None else None
         if resume is not None:
@@ -387,6 +388,8 @@ def train(config: TrainConfig, report: Report | None = None, *, out_dir: str | o
                                       f"choose another folder") from None
         if on_start is not None:
             on_start()
-        return run.run(resume)
+        result = run.run(resume)
+        finished = True
+        return result
     finally:
-        leave_group(run.rt)
+        leave_group(run.rt, finished)

@@ -72,10 +72,14 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def leave_group(rt: Runtime) -> None:
+def leave_group(rt: Runtime, finished: bool) -> None:
+    """Leave the group this run joined. Left to interpreter exit, gloo's threads can outlive the group
+    and abort the process ("terminate called without an active exception") after a run that
+    succeeded; so can a rank that tears down while its peer still talks to it, so a finished run
+    first waits for every rank (a failed one does not: its peers may be gone)."""
     if rt.owns_group:
-        # Left to interpreter exit, gloo's threads can outlive the group and abort the process
-        # ("terminate called without an active exception") after a run that succeeded.
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
