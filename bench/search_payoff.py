@@ -10,6 +10,7 @@ budget to the longer one, and the finalists a retrain needs.
 
     python bench/search_payoff.py                              # the full comparison
     python bench/search_payoff.py --quick                      # 4 strategies, 3 repetitions, 32 budgets
+    python bench/search_payoff.py --main --compute 512 --repetitions 20   # the 4 main ones, further
     python bench/search_payoff.py --figure docs/figures/search-anytime.png
 """
 
@@ -37,16 +38,17 @@ from jepatune.benchmark.surrogate import Surrogate  # noqa: E402
 from jepatune.benchmark.tables import load_benchmark  # noqa: E402
 from jepatune.experiment.fidelity import default_grace  # noqa: E402
 
-POINTS = (16, 32, 64, 128, 256)
+POINTS = (16, 32, 64, 128, 256, 512, 1024)
+KS = [1, 2, 3, 5, 8, 10, 12, 15, 20]  # finalists counts reported
 
 
-def plan(quick: bool, reps: int, compute: float) -> list[tuple[Strategy, int, float]]:
+def plan(main_only: bool, reps: int, compute: float) -> list[tuple[Strategy, int, float]]:
     """(strategy, repetitions, compute): the four main strategies in full; the variants of the default
     at half the compute and half the repetitions, GP (its asks take seconds each from about 50 trials
     on, on this CPU) at an eighth of the compute and a tenth of the repetitions."""
     main = [Strategy(sampler="random", scheduler="none"), Strategy(sampler="random"), Strategy(scheduler="none"),
             Strategy()]  # the last: the sweep's defaults, TPE(10) + ASHA, first rung B/4, rf 2, snapshot
-    if quick:
+    if main_only:
         return [(s, reps, compute) for s in main]
     variants = [Strategy(startup_trials=5), Strategy(startup_trials=20), Strategy(grace_steps=15),
                 Strategy(reduction_factor=3), Strategy(sampler="cmaes")]
@@ -99,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repetitions", type=int, default=40)
     p.add_argument("--compute", type=float, default=256)
     p.add_argument("--workers", type=int, default=2, help="processes, one strategy each at a time (2)")
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true", help="the main strategies, 3 repetitions, 32 budgets")
+    p.add_argument("--main", action="store_true", help="the four main strategies only (for a longer --compute)")
     p.add_argument("--figure", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -112,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     floor, best = s.noise_floor(), s.best_true()
     print(f"{bench.describe()}\nbest recipe's mean score {best:.4f}, noise floor {floor:.4f}; {args.repetitions} "
           f"sweeps per strategy, up to {args.compute:g} trial budgets, 2 at once; load {load}\n", flush=True)
-    tasks = [(args.benchmark, st, reps, c) for st, reps, c in plan(args.quick, args.repetitions, args.compute)]
+    strategies = plan(args.quick or args.main, args.repetitions, args.compute)
+    tasks = [(args.benchmark, st, reps, c) for st, reps, c in strategies]
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
         frames = []
         for (_, st, reps, c), frame in zip(tasks, pool.map(_simulate, tasks), strict=True):
@@ -158,14 +162,17 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown_table(fid_table[["strategy", "trials", "regret", "within_floor", "to_floor", "never"]]))
         t = answers.rank_transfer(bench)
         print(f"\nrank transfer, {bench.info['settings']['transfer_factor']}x budget: Spearman {t['spearman']:.3f} "
-              f"[{t['lo']:.3f}, {t['hi']:.3f}] over {t['recipes']} recipes")
+              f"[{t['lo']:.3f}, {t['hi']:.3f}] over {t['recipes']} recipes; noise floor there "
+              f"{bench.transfer_scores().std(axis=1).median():.4f}")
         for resample in (False, True):
             f = answers.finalists_needed(bench, resample=resample)
             k = f.loc[f["enough"], "k"]
             print(f"finalists for the true best at the longer budget to be among them with 90% probability"
                   f"{' (candidates resampled)' if resample else ''}: {int(k.iloc[0]) if len(k) else 'none'} of "
-                  f"{len(f)}; P at k = 1, 2, 3, 5, 8, 10: "
-                  + ", ".join(f"{x:.2f}" for x in f.set_index("k")["prob"].reindex([1, 2, 3, 5, 8, 10])))
+                  f"{len(f)}; P at k = {', '.join(map(str, KS))}: "
+                  + ", ".join(f"{x:.2f}" for x in f.set_index("k")["prob"].reindex(KS))
+                  + "; the best of the k behind the best there by " + ", ".join(
+                      f"{x:.3f}" for x in f.set_index("k")["regret"].reindex(KS)))
             out[f"finalists{'_resampled' if resample else ''}"] = f.to_dict(orient="records")
         out.update(transfer=t, fidelities=fid_table.to_dict(orient="records"))
     if args.figure:

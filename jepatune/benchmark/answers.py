@@ -6,7 +6,8 @@
 - `rank_transfer`: Spearman's rank correlation of the recipes' mean score at the trial budget with
   their mean score at the longer budget, with a bootstrap interval over recipes.
 - `finalists_needed`: how many of a sweep's best trials a retrain must take for the recipe that is
-  truly best at the longer budget to be among them, with a given probability.
+  truly best at the longer budget to be among them, with a given probability, and how far the best
+  of them is from that recipe there (what the retrain can ship).
 """
 
 from __future__ import annotations
@@ -80,25 +81,34 @@ def rank_transfer(bench: Benchmark, *, resamples: int = 2000, seed: int = 0) -> 
 
 def finalists_needed(bench: Benchmark, *, prob: float = 0.9, draws: int = 4000, seed: int = 0,
                      resample: bool = False) -> pd.DataFrame:
-    """P(the truly best recipe at the longer budget is among the top k by a sweep's view of them), for
-    every k. A sweep sees each recipe once, through one seed's trial-budget score (drawn per recipe
-    and draw, as its trials differ); the truth is the mean longer-budget score. The candidates are the
-    recipes recorded at both budgets; with `resample`, each draw resamples them with replacement (a
-    new set of candidates like them: the answer's spread over candidate sets). Rows: k, prob, and
-    `enough` on the smallest k whose probability reaches `prob`."""
+    """`finalists_table` on a benchmark: the recipes recorded at both budgets, seen through their
+    trial-budget scores (recipe x seed), judged by their mean longer-budget score."""
     short = bench.main_scores()
     long = bench.transfer_scores().mean(axis=1)
     both = short.index.intersection(long.index)
-    seen, truth = short.loc[both].to_numpy(), long.loc[both].to_numpy()
+    return finalists_table(short.loc[both].to_numpy(), long.loc[both].to_numpy(), prob=prob, draws=draws,
+                           seed=seed, resample=resample)
+
+
+def finalists_table(seen: np.ndarray, truth: np.ndarray, *, prob: float = 0.9, draws: int = 4000, seed: int = 0,
+                    resample: bool = False) -> pd.DataFrame:
+    """P(the truly best candidate is among the top k by a sweep's view of them), for every k. A sweep
+    sees each candidate once, through one of its seeds' scores `seen[i, :]` (drawn per candidate and
+    draw, as its trials differ); `truth[i]` is what the candidate is worth at the final budget. With
+    `resample`, each draw resamples the candidates with replacement (a new set of candidates like
+    them: the answer's spread over candidate sets). Rows: k, prob, `regret` (the mean gap in truth
+    between the best of the top k and the best candidate: what a retrain that tells the k apart
+    still loses), and `enough` on the smallest k whose probability reaches `prob`."""
     rng = np.random.default_rng(seed)
-    n = len(both)
-    counts = np.zeros(n)
+    n = len(truth)
+    counts, regret = np.zeros(n), np.zeros(n)
     for _ in range(draws):
         pick = rng.integers(0, n, n) if resample else np.arange(n)
         observed = seen[pick, rng.integers(0, seen.shape[1], n)]
         best = np.flatnonzero(truth[pick] == truth[pick].min())
         order = np.argsort(observed, kind="stable")
         counts[int(np.flatnonzero(np.isin(order, best))[0])] += 1  # the first true best's 0-based rank
-    table = pd.DataFrame({"k": np.arange(1, n + 1), "prob": np.cumsum(counts) / draws})
+        regret += np.minimum.accumulate(truth[pick][order]) - truth[pick].min()
+    table = pd.DataFrame({"k": np.arange(1, n + 1), "prob": np.cumsum(counts) / draws, "regret": regret / draws})
     reached = table.loc[table["prob"] >= prob, "k"]
     return table.assign(enough=table["k"] == (reached.min() if len(reached) else -1))

@@ -132,7 +132,7 @@ class Benchmark:
                     f"noise floor; pruned trials are left out (see jepatune/benchmark/from_sweep.py)")
         return (f"{len(self.recipes)} recipes of the {s['space']!r} space ({s.get('preset') or 'default'} preset), "
                 f"{len(self.seeds)} seeds, {self.budget}-step budget, rungs {list(self.rungs)}; runs: "
-                + ", ".join(f"{k} {kinds.get(k, 0)}" for k in ("main", "transfer", "probe", "restart")))
+                + ", ".join(f"{k} {kinds[k]}" for k in ("main", "transfer", "probe", "restart") if k in kinds))
 
 
 def load_benchmark(folder: str | Path) -> Benchmark:

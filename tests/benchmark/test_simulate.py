@@ -184,12 +184,15 @@ def test_rank_transfer_and_finalists():
     assert t["recipes"] == 20 and t["spearman"] == pytest.approx(1.0)
     f = answers.finalists_needed(exact, draws=200)
     assert f.loc[f["enough"], "k"].tolist() == [1]  # no noise: the best at the trial budget is the best
+    assert (f["regret"] == 0).all()
     # noise at the longer budget larger than the differences between recipes: more finalists are needed
     noisy = synthetic(n=60, noise=0.05, long_noise=0.0)
     for resample in (False, True):
         g = answers.finalists_needed(noisy, draws=400, resample=resample)
         assert g.loc[g["enough"], "k"].iloc[0] > 1 and g["prob"].is_monotonic_increasing
         assert g["prob"].iloc[-1] == pytest.approx(1.0)
+        # the retrain's loss shrinks as it takes more finalists, to nothing once it takes them all
+        assert g["regret"].is_monotonic_decreasing and g["regret"].iloc[0] > 0 and g["regret"].iloc[-1] == 0
 
 
 def test_bad_strategies_are_one_line_errors(bench):
