@@ -6,8 +6,8 @@ each parameter with the mean score, over the subset's recipes that score within 
 at the longer budget), then trains the subset again at the trial budget under each `--variant` (a
 trainer knob changed for the trial only) and asks of each what a sweep needs: the rank correlation
 of its trial scores with the recorded longer-budget scores, and how far the best of its top k is
-from the best recipe there (`jepatune.benchmark.answers.finalists_table`). The variants tried by
-default: the weight average's EMA decay scaled so that its horizon is the same share of the trial
+from the best recipe there (`jepatune.benchmark.answers.finalists_needed_from`). The variants tried
+by default: the weight average's EMA decay scaled so that its horizon is the same share of the trial
 as it is of the longer run (decay ** factor), and no weight average in the trial at all.
 
     python bench/transfer_study.py                           # the committed benchmark, the two variants
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 from jepatune.analysis.explore import spearman  # noqa: E402
 from jepatune.analysis.report import markdown_table  # noqa: E402
-from jepatune.benchmark.answers import finalists_table  # noqa: E402
+from jepatune.benchmark.answers import finalists_needed_from  # noqa: E402
 from jepatune.benchmark.record import all_recipes, process_pool  # noqa: E402
 from jepatune.benchmark.tables import RECORDS_NAME, load_benchmark, read_records  # noqa: E402
 from jepatune.corpora import build_demo  # noqa: E402
@@ -64,7 +64,7 @@ def variant_jobs(records, base: TrainConfig, subset: list[int], seeds: int, step
 
 
 def verdict(name: str, seen: pd.DataFrame, long: pd.Series) -> dict:
-    f = finalists_table(seen.to_numpy(), long.loc[seen.index].to_numpy()).set_index("k")
+    f = finalists_needed_from(seen.to_numpy(), long.loc[seen.index].to_numpy()).set_index("k")
     return {"trial scores": name, "Spearman with the longer budget": round(spearman(seen.mean(axis=1), long), 3),
             **{f"regret, top {k}": round(float(f.loc[k, "regret"]), 3) for k in KS if k <= len(f)},
             "P(best in top 12)": round(float(f.loc[min(12, len(f)), "prob"]), 2)}
@@ -75,8 +75,12 @@ def parse_variant(text: str, decay: float, factor: int) -> tuple[str, dict]:
         return f"swa_decay={decay ** factor:.5f} (horizon scaled)", {"swa_decay": decay ** factor}
     key, sep, value = text.partition("=")
     if not sep or key not in TrainConfig.__dataclass_fields__:
-        raise SystemExit(f"--variant {text!r}: give KEY=VALUE with a trainer knob, or 'scaled-ema'")
-    return text, {key: json.loads(value.lower()) if value.lower() in ("true", "false") else float(value)}
+        raise ValueError(f"--variant {text!r}: give KEY=VALUE with a trainer knob, or 'scaled-ema'")
+    try:
+        parsed = json.loads(value.lower() if value.lower() in ("true", "false") else value)
+    except json.JSONDecodeError:
+        parsed = value  # a word: a knob that takes a name
+    return text, {key: parsed}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     bench = load_benchmark(args.benchmark)
     s = bench.info["settings"]
+    base = TrainConfig.from_dict(bench.info["base"])
+    texts = [] if args.variant == ["none"] else (args.variant or ["scaled-ema", "swa_enabled=false"])
+    try:
+        variants = [parse_variant(t, base.swa_decay, int(s["transfer_factor"])) for t in texts]
+    except ValueError as e:
+        p.error(str(e))  # one line, exit status 2, before anything is trained
     long = bench.transfer_scores().mean(axis=1)
     short = bench.main_scores().loc[long.index]
     print(f"{bench.describe()}\n\nSpearman of each parameter with the mean score, over the "
@@ -98,15 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     params = parameter_table(bench, long, short.mean(axis=1))
     print(markdown_table(params))
     rows = [verdict(f"as recorded (swa_decay {bench.info['base']['swa_decay']})", short, long)]
-    variants = [] if args.variant == ["none"] else (args.variant or ["scaled-ema", "swa_enabled=false"])
     records = read_records(args.benchmark / RECORDS_NAME)
-    base = TrainConfig.from_dict(bench.info["base"])
     data = Path(base.data_path)
     if variants and not data.is_dir():  # the benchmark's corpus, built again as the recording built it
         build_demo(data)
     t0 = time.perf_counter()
-    for text in variants:
-        name, knob = parse_variant(text, base.swa_decay, int(s["transfer_factor"]))
+    for name, knob in variants:
         jobs = variant_jobs(records, base, list(long.index), int(s["transfer_seeds"]), bench.budget, knob)
         runs = list(process_pool(args.workers)(jobs))
         seen = pd.DataFrame(runs).pivot_table(index="recipe", columns="seed", values="score").loc[long.index]

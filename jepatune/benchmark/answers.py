@@ -81,17 +81,17 @@ def rank_transfer(bench: Benchmark, *, resamples: int = 2000, seed: int = 0) -> 
 
 def finalists_needed(bench: Benchmark, *, prob: float = 0.9, draws: int = 4000, seed: int = 0,
                      resample: bool = False) -> pd.DataFrame:
-    """`finalists_table` on a benchmark: the recipes recorded at both budgets, seen through their
+    """`finalists_needed_from` on a benchmark: the recipes recorded at both budgets, seen through their
     trial-budget scores (recipe x seed), judged by their mean longer-budget score."""
     short = bench.main_scores()
     long = bench.transfer_scores().mean(axis=1)
     both = short.index.intersection(long.index)
-    return finalists_table(short.loc[both].to_numpy(), long.loc[both].to_numpy(), prob=prob, draws=draws,
-                           seed=seed, resample=resample)
+    return finalists_needed_from(short.loc[both].to_numpy(), long.loc[both].to_numpy(), prob=prob, draws=draws,
+                                 seed=seed, resample=resample)
 
 
-def finalists_table(seen: np.ndarray, truth: np.ndarray, *, prob: float = 0.9, draws: int = 4000, seed: int = 0,
-                    resample: bool = False) -> pd.DataFrame:
+def finalists_needed_from(seen: np.ndarray, truth: np.ndarray, *, prob: float = 0.9, draws: int = 4000,
+                          seed: int = 0, resample: bool = False) -> pd.DataFrame:
     """P(the truly best candidate is among the top k by a sweep's view of them), for every k. A sweep
     sees each candidate once, through one of its seeds' scores `seen[i, :]` (drawn per candidate and
     draw, as its trials differ); `truth[i]` is what the candidate is worth at the final budget. With
