@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         t = answers.rank_transfer(bench)
         print(f"\nrank transfer, {bench.info['settings']['transfer_factor']}x budget: Spearman {t['spearman']:.3f} "
               f"[{t['lo']:.3f}, {t['hi']:.3f}] over {t['recipes']} recipes; noise floor there "
-              f"{bench.transfer_scores().std(axis=1).median():.4f}")
+              f"{bench.transfer_noise_floor():.4f}")
         for resample in (False, True):
             f = answers.finalists_needed(bench, resample=resample)
             k = f.loc[f["enough"], "k"]

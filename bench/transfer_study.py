@@ -30,11 +30,9 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 from jepatune.analysis.explore import spearman  # noqa: E402
 from jepatune.analysis.report import markdown_table  # noqa: E402
 from jepatune.benchmark.answers import finalists_needed_from  # noqa: E402
-from jepatune.benchmark.record import all_recipes, process_pool  # noqa: E402
+from jepatune.benchmark.record import all_recipes, job, process_pool  # noqa: E402
 from jepatune.benchmark.tables import RECORDS_NAME, load_benchmark, read_records  # noqa: E402
 from jepatune.corpora import build_demo  # noqa: E402
-from jepatune.experiment.trials import trial_config  # noqa: E402
-from jepatune.spaces import INFEASIBLE_KEY  # noqa: E402
 from jepatune.trainer.config import TrainConfig  # noqa: E402
 
 KS = (1, 3, 5, 8, 12, 16)
@@ -54,13 +52,8 @@ def parameter_table(bench, long: pd.Series, short: pd.Series) -> pd.DataFrame:
 
 def variant_jobs(records, base: TrainConfig, subset: list[int], seeds: int, steps: int, knob: dict) -> list[dict]:
     recipes = {r["recipe"]: r for r in all_recipes(records)}
-    jobs = []
-    for i in subset:
-        knobs = {k: v for k, v in recipes[i]["knobs"].items() if k != INFEASIBLE_KEY} | knob
-        for k in range(seeds):
-            config = trial_config(base.to_dict(), knobs, steps, (), 0).replace(seed=base.seed + k)
-            jobs.append({"kind": "main", "recipe": i, "seed": k, "iterations": steps, "train": config.to_dict()})
-    return jobs
+    return [job(base, {**recipes[i], "knobs": {**recipes[i]["knobs"], **knob}}, "main", k, steps)
+            for i in subset for k in range(seeds)]
 
 
 def verdict(name: str, seen: pd.DataFrame, long: pd.Series) -> dict:
@@ -107,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
           f"budget:\n")
     params = parameter_table(bench, long, short.mean(axis=1))
     print(markdown_table(params))
-    rows = [verdict(f"as recorded (swa_decay {bench.info['base']['swa_decay']})", short, long)]
+    rows = [verdict(f"as recorded (swa_decay {base.swa_decay})", short, long)]
     records = read_records(args.benchmark / RECORDS_NAME)
     data = Path(base.data_path)
     if variants and not data.is_dir():  # the benchmark's corpus, built again as the recording built it
@@ -121,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {len(runs)} runs ({time.perf_counter() - t0:.0f}s in all)", flush=True)
     print(f"\nthe transfer subset's {len(long)} recipes: trial scores (one seed as a sweep sees them) against the mean "
           f"score at {bench.budget * int(s['transfer_factor'])} steps (noise floor there "
-          f"{bench.transfer_scores().std(axis=1).median():.4f}); regret: the best of the top k behind the best "
+          f"{bench.transfer_noise_floor():.4f}); regret: the best of the top k behind the best "
           f"there:\n")
     table = pd.DataFrame(rows)
     print(markdown_table(table))

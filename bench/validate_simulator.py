@@ -29,12 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a checkout without installing
 from jepatune.analysis.report import markdown_table  # noqa: E402
 from jepatune.benchmark.from_sweep import sweep_benchmark  # noqa: E402
-from jepatune.benchmark.record import process_pool  # noqa: E402
+from jepatune.benchmark.record import job, process_pool  # noqa: E402
 from jepatune.benchmark.simulate import simulate_sweep  # noqa: E402
 from jepatune.benchmark.strategy import Strategy  # noqa: E402
 from jepatune.benchmark.surrogate import Surrogate  # noqa: E402
 from jepatune.benchmark.tables import load_benchmark  # noqa: E402
-from jepatune.experiment.trials import trial_config  # noqa: E402
 from jepatune.spaces import get_space  # noqa: E402
 from jepatune.trainer.config import TrainConfig  # noqa: E402
 
@@ -70,9 +69,7 @@ def retrain_answers(answers: dict[str, dict], bench, data: Path, seeds: int, cac
     done = json.loads(cache.read_text()) if cache.exists() else {}
     base = TrainConfig.from_dict({**bench.info["base"], "data_path": str(data.resolve())})
     space = get_space(bench.info["settings"]["space"], base=base)
-    jobs = [{"kind": "main", "recipe": name, "seed": k, "iterations": bench.budget,
-             "train": trial_config(base.to_dict(), space.overrides(params), bench.budget, (), 0)
-             .replace(seed=base.seed + k).to_dict()}
+    jobs = [job(base, {"recipe": name, "knobs": space.overrides(params)}, "main", k, bench.budget)
             for name, params in answers.items() if name not in done for k in range(1, seeds + 1)]
     for rec in process_pool(2)(jobs):
         done.setdefault(rec["recipe"], []).append(rec["score"])

@@ -151,19 +151,21 @@ def main_jobs(s: RecordSettings, base: TrainConfig, recipes: list[Record]) -> li
     whole recipes."""
     jobs = []
     for r in recipes:
-        jobs += [_job(s, base, r, "main", k, s.trial_steps, s.rungs(), s.probe_steps) for k in range(s.seeds)]
-        jobs += [_job(s, base, r, "restart", k, rung, (), 0) for k in range(s.fidelity_seeds)
+        jobs += [job(base, r, "main", k, s.trial_steps, s.rungs(), s.probe_steps) for k in range(s.seeds)]
+        jobs += [job(base, r, "restart", k, rung) for k in range(s.fidelity_seeds)
                  for rung in s.restart_rungs()]
     return jobs
 
 
 def transfer_jobs(s: RecordSettings, base: TrainConfig, recipes: list[Record], subset: list[int]) -> list[Record]:
-    return [_job(s, base, recipes[i], "transfer", k, s.trial_steps * s.transfer_factor, (), 0)
+    return [job(base, recipes[i], "transfer", k, s.trial_steps * s.transfer_factor)
             for i in subset for k in range(s.transfer_seeds)]
 
 
-def _job(s: RecordSettings, base: TrainConfig, recipe: Record, kind: str, k: int, iterations: int,
-         rungs: tuple[int, ...], probe_steps: int) -> Record:
+def job(base: TrainConfig, recipe: Record, kind: str, k: int, iterations: int, rungs: tuple[int, ...] = (),
+        probe_steps: int = 0) -> Record:
+    """One run of a recipe (`{"recipe": id, "knobs": {...}}`) with seed base + k, built as a sweep builds a
+    trial: what `run_job` trains."""
     knobs = {key: v for key, v in recipe["knobs"].items() if key != INFEASIBLE_KEY}
     config = trial_config(base.to_dict(), knobs, iterations, rungs, probe_steps).replace(seed=base.seed + k)
     return {"kind": kind, "recipe": recipe["recipe"], "seed": k, "iterations": iterations, "train": config.to_dict()}

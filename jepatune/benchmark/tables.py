@@ -85,6 +85,10 @@ class Benchmark:
         t = self.runs[self.runs["kind"] == "transfer"]
         return t.pivot(index="recipe", columns="seed", values="score").sort_index()
 
+    def transfer_noise_floor(self) -> float:
+        """The median over recipes of the seed-to-seed standard deviation at the longer budget."""
+        return float(self.transfer_scores().std(axis=1).median())
+
     def rung_values(self, fidelity: str = "snapshot") -> pd.DataFrame:
         """(recipe, seed) x rung: the value a sweep would report at each recorded rung under the
         fidelity. A run that diverged before a rung gets the penalty there, as a sweep reports."""
