@@ -22,7 +22,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Iterable
@@ -37,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 from jepatune.analysis.explore import spearman  # noqa: E402
 from jepatune.analysis.replay import fidelity_cost, milestones, orders_summary, replay_permutations  # noqa: E402
 from jepatune.atomic import atomic_write_text  # noqa: E402
+from jepatune.benchmark.record import machine  # noqa: E402
 from jepatune.errors import JepatuneError  # noqa: E402
 from jepatune.experiment.fidelity import default_grace  # noqa: E402
 
@@ -114,14 +114,6 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def machine() -> Record:
-    import torch
-
-    return {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "load": [round(x, 2) for x in os.getloadavg()],
-            "date": datetime.datetime.now().isoformat(timespec="seconds")}
-
-
 def run_study(args: argparse.Namespace) -> list[Record]:
     from jepatune.corpora import build_demo
 
@@ -131,7 +123,8 @@ def run_study(args: argparse.Namespace) -> list[Record]:
     base = base_config(Path(data).resolve(), args.steps, rungs, args.probe_steps)
     configs = sample_configs(base, args.configs, args.seed)
     jobs = plan_runs(configs, base, args.steps, rungs)
-    meta = {"record": "meta", "machine": machine(), "command": " ".join(sys.argv), "budget": args.steps,
+    meta = {"record": "meta", "machine": {**machine(), "date": datetime.datetime.now().isoformat(timespec="seconds")},
+            "command": " ".join(sys.argv), "budget": args.steps,
             "rungs": list(rungs), "probe_steps": args.probe_steps, "graces": args.graces, "factors": args.factors,
             "seed": args.seed, "workers": args.workers, "configs": configs}
     partial = Path(f"{args.records}.partial")  # every finished run, appended as it lands, in case of a crash

@@ -11,7 +11,7 @@ TINY = dict(
     num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, train_seq_len=32, train_batch_tokens=512,
     grad_accum_steps=2, val_batch_size=1024, val_tokens=2048, iterations=12, val_loss_every=4,
     train_log_every=0, muon_momentum_warmup_steps=4, warmdown_frac=0.25, lejepa_directions=16,
-    lejepa_positions=64, jepa_pure_frac=0.25, ce_pure_frac=0.5,
+    lejepa_positions=64, jepa_pure_frac=0.25, ce_pure_frac=0.5, swa_select_tokens=2048,
 )
 
 

@@ -135,6 +135,15 @@ def config_unknown_key_in_a_sweep(tmp: Path, demo: Path) -> Case:
     return _search(demo, "--set", "modl_dim=3"), ["modl_dim", "did you mean model_dim"]
 
 
+def config_bad_swa_choices_in_a_sweep(tmp: Path, demo: Path) -> Case:
+    return _search(demo, "--final-swa-choices", "0.5,late"), ["--final-swa-choices='0.5,late'", "fractions in [0, 1]"]
+
+
+def config_swa_choice_out_of_range(tmp: Path, demo: Path) -> Case:
+    return _train(demo, "--set", "swa_start_choices=0.5,1.2"), ["swa_start_choices=(0.5, 1.2)",
+                                                               "must be fractions in [0, 1]"]
+
+
 def config_file_missing(tmp: Path, demo: Path) -> Case:
     missing = tmp / "nope.toml"
     return _train(demo, "--config", str(missing)), [str(missing), "does not exist", "check the path"]

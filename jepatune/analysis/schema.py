@@ -29,8 +29,8 @@ FINAL = {
     "recipe": "string", "seed": "Int64", "steps": "Int64", "status": "string", "val_bpb": "float64",
     "prequant_bpb": "float64", "raw_bpb": "float64", "raw_q_bpb": "float64", "avg_bpb": "float64",
     "avg_q_bpb": "float64", "artifact_bytes": "Int64", "total_bytes": "Int64", "fits_cap": "boolean",
-    "elapsed_s": "float64", "config_key": "string", "recipe_key": "string", "trial_id": "string",
-    "trial_bpb": "float64", "trial_rank": "Int64", "finalist": "boolean",
+    "elapsed_s": "float64", "swa_start_shipped": "float64", "config_key": "string", "recipe_key": "string",
+    "trial_id": "string", "trial_bpb": "float64", "trial_rank": "Int64", "finalist": "boolean",
 }
 # One row per retrained recipe of the newest retrain (jepatune.analysis.finalists).
 FINALISTS = {

@@ -52,9 +52,9 @@ def storage_use(folder: str | os.PathLike) -> dict[str, Any]:
 def storage_text(use: dict[str, Any]) -> str:
     """`storage_use` in words."""
     return (f"{human_bytes(use['bytes'])} at {use['where']}, "
-            f"{human_bytes(use['bytes_per_trial'])} per trial over {use['trials']} trials "
-            f"({human_bytes(use['checkpoint_bytes'])} in checkpoints: ended trials keep their results, not their "
-            "training state)")
+            f"{human_bytes(use['bytes_per_trial'])} per trial over {use['trials']} trials, of which "
+            f"{human_bytes(use['checkpoint_bytes'])} in checkpoint folders (an ended trial's keeps its results, "
+            "not its training state)")
 
 
 def sweep_summary(folder: str | os.PathLike, k: int = 5, storage: dict[str, Any] | None = None) -> str:
@@ -75,4 +75,4 @@ def sweep_summary(folder: str | os.PathLike, k: int = 5, storage: dict[str, Any]
         lines += ["finalists retrained with seeds no trial used (val_bpb after the int8+zlib round trip, full val "
                   "split; delta vs the reference with a paired 95% CI):",
                   shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"), conclusion(tables.finalists)]
-    return "\n".join([*lines, "storage: " + storage_text(storage or storage_use(folder))])
+    return "\n".join([*lines, "storage: the sweep takes " + storage_text(storage or storage_use(folder))])

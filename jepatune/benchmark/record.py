@@ -367,6 +367,7 @@ def write_tables(out: Path, records: list[Record], end: Record) -> None:
     write_parquet(runs.drop(columns="seconds"), out / RUNS_NAME)
     write_parquet(curves.astype({"snapshot_bpb": float, "probe_bpb": float}), out / CURVES_NAME)
     info = {k: v for k, v in meta.items() if k not in ("record", "recipes")}
+    info["settings"] = {**info["settings"], "out": str(out)}  # where it was written, also after a resume elsewhere
     info.update(end, runs=len(runs), train_seconds=round(float(runs["seconds"].sum()), 1))
     atomic_write_text(out / BENCHMARK_NAME, json.dumps(info, indent=1) + "\n")
 

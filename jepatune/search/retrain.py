@@ -131,7 +131,7 @@ def retrain(store: Store, runs: dict[str, TrainConfig], seeds: Sequence[int], cp
                "recipe_key": config_key(runs[recipe].replace(seed=0)),  # the recipe, whatever the seed
                **{k: summary.get(k) for k in ("status", "val_bpb", "prequant_bpb", "raw_bpb", "raw_q_bpb", "avg_bpb",
                                                "avg_q_bpb", "artifact_bytes", "total_bytes", "fits_cap",
-                                               "elapsed_s")},
+                                               "elapsed_s", "swa_start_shipped")},
                **(about or {}).get(recipe, {})}
         store.append_row(FINAL_RUNS, row)  # kept as soon as it ends
         log(f"  retrain {recipe} seed {seed}: val_bpb {row['val_bpb']:.4f} after the int8+zlib round trip "

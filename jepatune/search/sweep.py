@@ -19,6 +19,7 @@ from jepatune.experiment.settings import (
     base_config,
     local_folder,
     read_settings,
+    swa_choices,
     write_metadata,
 )
 from jepatune.experiment.store import is_uri, join
@@ -171,7 +172,7 @@ def finalize(folder: str | os.PathLike, *, final_steps: int = 0, final_seeds: in
     settings = read_settings(folder)
     write_tables(folder)
     trials = load_tables(folder)["trials"]
-    base = base_config(settings)
+    base = base_config(settings).replace(swa_start_choices=swa_choices(settings.final_swa_choices))
     steps = final_steps or settings.final_steps or settings.trial_steps
     top = top_trials(trials, finalists or settings.finalists)
     ranks = trials[trials["status"] == "completed"]["last_val_bpb"].rank(method="min")

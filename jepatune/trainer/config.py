@@ -105,6 +105,11 @@ class TrainConfig:
     swa_fp32_shadow: bool = knob(
         False, "fix: average bf16 parameters in an fp32 shadow (the reference averages bf16 in place)"
     )
+    swa_start_choices: tuple[float, ...] = knob(
+        (), "more SWA starts (fractions of the budget), each kept as its own average: the run ships whichever "
+            "average, or the raw weights, scores best on swa_select_tokens bytes of the train stream no step read; "
+            "() = ship swa_start_frac's average, as the reference; swa_enabled=false keeps none")
+    swa_select_tokens: int = knob(65_536, "bytes of unread train stream that swa_start_choices are judged on")
 
     # --- export ------------------------------------------------------------------------
     save_predictor: bool = knob(
@@ -174,6 +179,8 @@ def _validate(c: TrainConfig) -> None:
         need(0.0 <= c.swa_start_frac <= 1.0, "swa_start_frac", "must be a fraction in [0, 1] (or unset)")
     need(c.jepa_pure_frac <= c.ce_pure_frac, "jepa_pure_frac", f"must not exceed ce_pure_frac={c.ce_pure_frac}")
     need(0.0 <= c.swa_decay < 1.0, "swa_decay", "must be in [0, 1)")
+    need(all(0.0 <= f <= 1.0 for f in c.swa_start_choices), "swa_start_choices", "must be fractions in [0, 1]")
+    need(c.swa_select_tokens > 0, "swa_select_tokens", "must be positive (at least one sequence is read)")
     for key in ("iterations", "train_seq_len", "train_batch_tokens", "vocab_size", "num_layers", "model_dim",
                 "num_heads", "num_kv_heads", "mlp_mult", "grad_accum_steps", "val_batch_size",
                 "muon_backend_steps", "lejepa_directions", "lejepa_points"):
@@ -223,13 +230,23 @@ def check_type(key: str, value: Any, tp: Any) -> None:
         if option is type(None) and value is None:
             return
         origin = typing.get_origin(option)
-        if origin is tuple and isinstance(value, tuple) and all(isinstance(v, int) for v in value):
+        if origin is tuple and isinstance(value, tuple) and all(_is_a(v, typing.get_args(option)[0]) for v in value):
             return
-        if option is float and isinstance(value, int | float) and not isinstance(value, bool):
-            return
-        if option in (int, bool, str) and type(value) is option:
+        if option in (int, bool, str, float) and _is_a(value, option):
             return
     raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}")
+
+
+def _is_a(value: Any, tp: type) -> bool:
+    """`value` is of the scalar type `tp`; an int serves as a float, a bool as neither."""
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return type(value) is tp
+
+
+def _tuple_of(options: tuple[Any, ...]) -> Any:
+    """The item type of the tuple among a field's `options`, or None."""
+    return next((typing.get_args(o)[0] for o in options if typing.get_origin(o) is tuple), None)
 
 
 def _type_name(tp: Any) -> str:
@@ -240,8 +257,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Turn a TOML value or a `--set` string into the field's type."""
     options = typing.get_args(tp) if isinstance(tp, types.UnionType) else (tp,)
     if not isinstance(value, str) or str in options:
-        if isinstance(value, list):
-            value = tuple(value)
+        if isinstance(value, list | tuple):
+            value = tuple(float(v) if _tuple_of(options) is float and _is_a(v, float) else v for v in value)
         if float in options and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         return value
@@ -260,7 +277,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             elif option is float:
                 return float(text.replace("_", ""))
             elif typing.get_origin(option) is tuple:
-                return tuple(int(s) for s in text.strip("()[]").replace(",", " ").split())
+                item = typing.get_args(option)[0]
+                return tuple(item(s.replace("_", "")) for s in text.strip("()[]").replace(",", " ").split())
         except ValueError:
             continue
     raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}")
@@ -347,6 +365,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_layers": 4, "model_dim": 64, "num_heads": 2, "num_kv_heads": 1, "train_seq_len": 128,
         "train_batch_tokens": 2048, "grad_accum_steps": 1, "iterations": 300, "warmdown_frac": 0.3,
         "muon_momentum_warmup_steps": 50, "val_loss_every": 50, "val_tokens": 32_768, "val_batch_size": 16_384,
-        "train_log_every": 0, "lejepa_directions": 128, "lejepa_positions": 1024,
+        "train_log_every": 0, "lejepa_directions": 128, "lejepa_positions": 1024, "swa_select_tokens": 32_768,
     },
 }

@@ -57,9 +57,16 @@ def score(model: GPT, evaluate: Evaluate, state: dict[str, Tensor], tokens: np.n
     the round-tripped weights."""
     model.load_state_dict(state)
     pre = evaluate(tokens)[1]
+    post, nbytes = shipped_bpb(model, evaluate, state, tokens, save_predictor)
+    return pre, post, nbytes
+
+
+def shipped_bpb(model: GPT, evaluate: Evaluate, state: dict[str, Tensor], tokens: np.ndarray,
+                save_predictor: bool) -> tuple[float, int]:
+    """(BPB, artifact bytes) of `state` after the int8+zlib round trip; `model` is left holding it."""
     blob, _ = export.artifact_bytes(shipped(state, save_predictor))
     model.load_state_dict({**state, **export.decode_artifact(blob)})
-    return pre, evaluate(tokens)[1], len(blob)
+    return evaluate(tokens)[1], len(blob)
 
 
 @dataclass

@@ -48,6 +48,7 @@ from jepatune.trainer.final import (
     completed_summary,
     diverged_summary,
     score_final,
+    shipped_bpb,
     trainer_code_bytes,
     write_model_files,
     write_summary,
@@ -70,7 +71,7 @@ from jepatune.trainer.step import (
     apply_update,
     loss_weights_at,
     lr_multiplier_at,
-    update_average,
+    update_averages,
 )
 from jepatune.trainer.swa import WeightAverage
 
@@ -154,6 +155,7 @@ class Trainer:
             "config": self.c.to_dict(), "step": s.step, "train_time": self.train_time,
             "model": self.model.state_dict(), "optimizers": [o.state_dict() for o in self.optimizers],
             "swa": s.swa.state_dict() if s.swa else None,
+            "swa_choices": {str(start): avg.state_dict() for start, avg in s.swa_choices.items()},
             "data_position": vars(self.loader.stream.position).copy(), "rng": rng_state(),
             "probe_steps_done": self.probe_steps_done,
         }
@@ -166,15 +168,21 @@ class Trainer:
         self.model.load_state_dict(saved["model"])
         for opt, st in zip(self.optimizers, saved["optimizers"], strict=True):
             opt.load_state_dict(st)
-        swa = WeightAverage.from_state_dict(saved["swa"]) if saved["swa"] else None
-        if swa:
-            swa.avg = {k: v.to(self.rt.device) for k, v in swa.avg.items()}
-        self.state.step, self.state.swa = saved["step"], swa
+        self.state.step, self.state.swa = saved["step"], self.saved_average(saved["swa"])
+        self.state.swa_choices = {float(start): self.saved_average(avg)
+                                  for start, avg in saved.get("swa_choices", {}).items()}
         self.loader = self.open_loader(saved["data_position"])
         self.train_time = saved["train_time"]
         self.probe_steps_done = saved.get("probe_steps_done", 0)
         set_rng_state(saved["rng"])
         self.restored_from = path
+
+    def saved_average(self, state: dict[str, Any] | None) -> WeightAverage | None:
+        if state is None:
+            return None
+        swa = WeightAverage.from_state_dict(state)
+        swa.avg = {k: v.to(self.rt.device) for k, v in swa.avg.items()}
+        return swa
 
     def checkpoint(self, metrics: dict[str, Any]) -> None:
         if self.checkpoint_dir is None:
@@ -205,7 +213,7 @@ class Trainer:
         if branch is None:
             after = schedule.progress(s.step, c.iterations, elapsed + time.perf_counter() - started,
                                       c.max_wallclock_seconds)
-            s.swa = update_average(s.swa, self.model, c, after)
+            update_averages(s, self.model, c, after)
 
     # --- evaluation points --------------------------------------------------------------
     def evaluate(self, tokens: np.ndarray) -> tuple[float, float]:
@@ -325,20 +333,46 @@ class Trainer:
         `final_score=False` on the val prefix every evaluation used (a search trial: its score is
         then comparable with its rungs, and cheap); write the artifact and the summary."""
         c, s = self.c, self.state
+        start, swa, chosen_on = c.swa_start, s.swa, {}
+        if c.swa_start_choices:
+            start, swa, chosen_on = self.choose_average()
         tokens = load_val_tokens(c.data_path, c.train_seq_len) if self.final_score else self.val_prefix
-        final = score_final(self.model, self.evaluate, s.swa, tokens, c.save_predictor)
+        final = score_final(self.model, self.evaluate, swa, tokens, c.save_predictor)
         if not math.isfinite(final.val_bpb):  # weights blew up without a non-finite training loss
             return self.finish_diverged()
         run = {"step": s.step, "tokens": s.step * c.train_batch_tokens, "compute_steps": s.step + self.probe_steps_done,
                "elapsed_s": round(self.train_time, 3), "params": self.n_params}
         summary = completed_summary(run, final, "val" if self.final_score else "val_prefix",
                                     peak_memory_mib(self.rt.device))
+        summary["swa_start_shipped"] = start if swa is not None else None
+        if chosen_on:
+            summary["swa_select_bpb"] = chosen_on
         if self.rt.main and self.out_dir is not None:
             write_model_files(self.out_dir, final.state, c.save_predictor)
         self.log(f"final val_bpb (int8+zlib round trip, {summary['scored_on']}): {final.val_bpb:.4f} pre-quant: "
                  f"{final.prequant_bpb:.4f} artifact: {final.artifact_bytes} bytes (+{summary['code_bytes']} code) "
                  f"fits_cap: {summary['fits_cap']}")
         return self.end(summary)
+
+    def choose_average(self) -> tuple[float, WeightAverage | None, dict[str, float]]:
+        """Under swa_start_choices: the start, and the average, whose weights score the lowest BPB after
+        the int8+zlib round trip on the swa_select_tokens bytes of the train stream that follow the
+        last step's (bytes no step read, the same on every rank, apart from the val split the run is
+        scored on), with each start's BPB there. An average from 1.0 is the raw weights."""
+        c, s = self.c, self.state
+        averages = {start: avg for start, avg in {c.swa_start: s.swa, **s.swa_choices}.items() if avg is not None}
+        if not averages:
+            return c.swa_start, None, {}
+        tokens = self.loader.stream.take(max(1, c.swa_select_tokens // c.train_seq_len) * c.train_seq_len + 1)
+        raw = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        bpb = {start: shipped_bpb(self.model, self.evaluate, avg.averaged_state(self.model), tokens,
+                                  c.save_predictor)[0]
+               for start, avg in sorted(averages.items())}
+        self.model.load_state_dict(raw)
+        best = min(bpb, key=bpb.__getitem__)
+        self.log("SWA start chosen on unread train bytes: " + " ".join(f"{f:g}:{b:.4f}" for f, b in bpb.items())
+                 + f" -> {best:g}")
+        return best, averages[best], {f"{f:g}": b for f, b in bpb.items()}
 
     def finish_diverged(self) -> TrainResult:
         s = self.state

@@ -44,6 +44,7 @@ class StepState:
     lr_mult: float = 1.0
     progress: float = 0.0
     swa: WeightAverage | None = None
+    swa_choices: dict[float, WeightAverage] = dataclasses.field(default_factory=dict)  # by start, once started
 
     @classmethod
     def start(cls, c: TrainConfig, device: torch.device) -> StepState:
@@ -51,8 +52,8 @@ class StepState:
                    torch.zeros((), dtype=torch.bool, device=device))
 
     def copy(self) -> StepState:
-        """A copy to restore after a branch of steps. The average is shared, not copied: no branch
-        updates it (probes leave it alone, compile priming runs before it exists)."""
+        """A copy to restore after a branch of steps. The averages are shared, not copied: no branch
+        updates them (probes leave them alone, compile priming runs before they exist)."""
         return dataclasses.replace(self, loss_sums=self.loss_sums.clone(), nonfinite=self.nonfinite.clone())
 
     def reset_losses(self) -> None:
@@ -108,13 +109,22 @@ def apply_update(optimizers: list[torch.optim.Optimizer], muon: Muon, model: GPT
         o.step()
 
 
-def update_average(swa: WeightAverage | None, model: GPT, c: TrainConfig,
-                   progress_after: float) -> WeightAverage | None:
+def update_average(swa: WeightAverage | None, model: GPT, c: TrainConfig, progress_after: float,
+                   start: float) -> WeightAverage | None:
     """The weight average after a step that ended at `progress_after`: started by the first step
-    that ends at or past the SWA start (the reference reads its clock after the step)."""
-    if not c.swa_enabled or progress_after < c.swa_start:
+    that ends at or past `start` (the reference reads its clock after the step)."""
+    if not c.swa_enabled or progress_after < start:
         return swa
     if swa is None:
         return WeightAverage(model, c.swa_decay, c.swa_fp32_shadow)
     swa.update(model)
     return swa
+
+
+def update_averages(state: StepState, model: GPT, c: TrainConfig, progress_after: float) -> None:
+    """The main average (from `c.swa_start`) and one for each of `c.swa_start_choices`."""
+    state.swa = update_average(state.swa, model, c, progress_after, c.swa_start)
+    for start in (f for f in c.swa_start_choices if f != c.swa_start):
+        avg = update_average(state.swa_choices.get(start), model, c, progress_after, start)
+        if avg is not None:
+            state.swa_choices[start] = avg

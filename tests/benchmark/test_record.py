@@ -120,6 +120,7 @@ def test_resume_trains_only_what_is_missing(recorded, tmp_path, demo_data, capsy
     # finishing on another kind of CPU is said, at the start and in benchmark.json
     assert "warning: runs of this recording ran on" in out and "warning: the runs ran on 2 kinds of CPU" in out
     assert b.info["cpus"] == [{"cpu": other, "runs": 20}, {"cpu": cpu_kind(), "runs": 2}]
+    assert b.info["settings"]["out"] == str(copy) != a.info["settings"]["out"]  # where it was finished
     assert sum(r.get("record") == "refine" for r in read_records(copy / RECORDS_NAME)) == 1  # not drawn again
 
 

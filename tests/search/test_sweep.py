@@ -1,5 +1,6 @@
 """A real sweep with a local Ray: ASHA, OptunaSearch, the tables, the retrain."""
 
+import json
 import math
 
 import optuna
@@ -11,6 +12,7 @@ from jepatune.analysis import compare_final, schema
 from jepatune.analysis.finalists import conclusion
 from jepatune.analysis.tables import load_tables, write_tables
 from jepatune.experiment.ray_files import load_study
+from jepatune.experiment.settings import swa_choices
 from jepatune.trainer.config import TrainConfig, load_config
 
 
@@ -112,6 +114,15 @@ def test_finalists_are_retrained_with_unseen_seeds_and_the_best_retrain_wins(swe
     won = trials.set_index("trial_id").loc[table.iloc[0]["trial_id"]]
     assert best.jepa_pure_frac == pytest.approx(won["jepa_pure_frac"]) and best.seed == base.seed
     assert best.model_dim == 32  # the fixed knobs travel with the recipe
+    # every retrain, the reference's too, ships the average it judged best on unread train bytes
+    choices = swa_choices(settings.final_swa_choices)
+    assert best.swa_start_choices == choices and len(choices) > 3
+    shipped = final.set_index("recipe")["swa_start_shipped"]
+    summaries = {r: json.loads((settings.folder / "final" / f"{r}-seed{s}" / "summary.json").read_text())
+                 for r, s in zip(final["recipe"], final["seed"], strict=True)}
+    starts = {r: TrainConfig.from_dict(v["config"]).swa_start for r, v in summaries.items()}
+    assert all(len(v["swa_select_bpb"]) > 3 for v in summaries.values())
+    assert all(v in choices or v == starts[r] for r, v in shipped.items()), shipped
 
 
 def test_retrain_a_recipe_file_beside_its_reference(sweep, tmp_path):

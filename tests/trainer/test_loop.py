@@ -137,8 +137,9 @@ def _tagged(stdout: str, tag: str) -> dict:
 @pytest.mark.parametrize("regularizer", ["varcov", "lejepa"])
 def test_two_process_ddp_matches_one_process_with_accumulation(tiny, regularizer):
     # On CPU (gloo) wherever it runs: with a GPU, "auto" would send rank 1 to a cuda:1 a 1-GPU machine lacks.
+    # With the SWA start chosen at the end, on bytes every rank must read alike.
     config = tiny.replace(iterations=6, val_loss_every=3, jepa_pure_frac=0.3, ce_pure_frac=0.6,
-                          regularizer=regularizer, device="cpu")
+                          regularizer=regularizer, device="cpu", swa_start_choices=(0.3, 1.0), swa_select_tokens=1024)
     args = json.dumps(config.to_dict())
     single = train(config).history
     env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1",
@@ -159,6 +160,9 @@ def test_two_process_ddp_matches_one_process_with_accumulation(tiny, regularizer
     assert ranks[0]["weights"] == ranks[1]["weights"]
     ddp = ranks[0]["history"]
     assert [h["step"] for h in ddp] == [h["step"] for h in single]
+    shipped = [h[-1]["swa_start_shipped"] for h in (ddp, ranks[1]["history"], single)]
+    assert shipped[0] == shipped[1] == shipped[2], shipped
+    assert ddp[-1]["swa_select_bpb"] == pytest.approx(single[-1]["swa_select_bpb"], rel=1e-4, abs=1e-4)
     for a, b in zip(ddp, single, strict=True):
         assert a["val_bpb"] == pytest.approx(b["val_bpb"], rel=1e-4, abs=1e-4)
         if b.get("train_loss") is not None:
